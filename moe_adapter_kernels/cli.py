@@ -59,12 +59,11 @@ def cmd_check(args) -> int:
     return 0 if ok else 1
 
 
-def cmd_bench(args) -> int:
-    from benchmarks.bench import main as bench_main
-    return bench_main(args.rest)
-
-
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from benchmarks.bench import main as bench_main
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="moe-adapter", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="backends, presets, parameter and FLOP counts")
@@ -73,11 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=67)
     p.add_argument("--preset", default=None, choices=list(MOE_PRESETS))
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=list(DTYPES))
-    p = sub.add_parser("bench", help="time dense vs MoE adapters (python -m benchmarks.bench -h)",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("bench", help="time dense vs MoE adapters (moe-adapter bench -h)")
     args = parser.parse_args(argv)
-    return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}[args.cmd](args)
+    return {"info": cmd_info, "check": cmd_check}[args.cmd](args)
 
 
 if __name__ == "__main__":

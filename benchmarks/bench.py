@@ -1,0 +1,210 @@
+"""Dense 94.4M adapter vs MoE-Adapter, timed in one process on the same inputs.
+
+GPU: median times from ``triton.testing.do_bench`` (CUDA events, after warm-up), peak memory,
+achieved TFLOP/s and the ratio to the dense adapter, for every backend; the device's bf16 matmul
+and copy ceilings are measured first. CPU (no GPU): the correctness self-check, then the torch
+backend at reduced token counts, and it says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from moe_adapter_kernels import (DenseAdapter, DenseAdapterConfig, MoEAdapter, MoEAdapterConfig,
+                                 __version__, backends)
+from moe_adapter_kernels.config import MOE_PRESETS
+
+GPU_TOKENS = [512, 2048, 8192, 32768, 65536]
+CPU_TOKENS = [64, 256]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def timer(device: str):
+    """A function (fn, grads) -> median milliseconds on this device."""
+    if device == "cuda":
+        import triton.testing
+
+        def gpu(fn, grads=()):
+            return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(grads),
+                                           return_mode="median")
+        return gpu
+
+    def cpu(fn, grads=(), reps=3):
+        fn()
+        times = []
+        for _ in range(reps):
+            for g in grads:
+                g.grad = None
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    return cpu
+
+
+def ceilings(bench) -> dict:
+    """Measured bf16 matmul TFLOP/s and device-to-device copy TB/s (read + write)."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    mm = bench(lambda: a @ b)
+    src = torch.randn(256 * 2**20, device="cuda")
+    dst = torch.empty_like(src)
+    cp = bench(lambda: dst.copy_(src))
+    return {"matmul_tflops": 2 * n**3 / mm / 1e9, "copy_tbps": 2 * src.numel() * 4 / cp / 1e9}
+
+
+def peak_memory(fn, device: str) -> int | None:
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def measure(name, model, x, mode, bench, device, flops_per_token):
+    xin = x.detach().requires_grad_(mode == "fwd+bwd")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def fwd():
+        with torch.no_grad():
+            model(xin)
+
+    def fwdbwd():
+        y = model(xin)
+        loss = y.float().square().mean()
+        if getattr(model, "aux_loss", None) is not None:
+            loss = loss + model.aux_loss
+        loss.backward()
+
+    fn = fwd if mode == "fwd" else fwdbwd
+    grads = params + [xin] if mode == "fwd+bwd" else []
+    ms = bench(fn, grads)
+    base = torch.cuda.memory_allocated() if device == "cuda" else 0
+    peak = peak_memory(fn, device)
+    flops = flops_per_token * x.shape[0] * (1 if mode == "fwd" else 3)
+    return {"model": name, "tokens": x.shape[0], "mode": mode, "ms": ms,
+            "tflops": flops / ms / 1e9, "peak_bytes": None if peak is None else peak - base}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def format_table(rows: list[dict]) -> list[str]:
+    out = ["| T | mode | model | ms | TFLOP/s | peak MiB | MoE/dense |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
+        ratio = "" if r.get("ratio") is None else f"{r['ratio']:.3f}"
+        out.append(f"| {r['tokens']} | {r['mode']} | {r['model']} | {r['ms']:.3f} | "
+                   f"{r['tflops']:.1f} | {peak} | {ratio} |")
+    return out
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="moe-adapter bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help=f"token counts (GPU default {GPU_TOKENS}, CPU default {CPU_TOKENS})")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="GPU default bfloat16, CPU default float32")
+    p.add_argument("--preset", default="paper", choices=list(MOE_PRESETS))
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="MoE backends to time (default: every available one)")
+    p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"])
+    p.add_argument("--json", default="moe_adapter_bench.json", help="where to write results")
+    p.add_argument("--markdown", default=None, help="also write the table as markdown here")
+    p.add_argument("--skip-check", action="store_true", help="CPU: skip the self-check")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = device == "cuda"
+    tokens = args.tokens or (GPU_TOKENS if gpu else CPU_TOKENS)
+    dtype = DTYPES[args.dtype or ("bfloat16" if gpu else "float32")]
+    say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    status = 0
+    if not gpu:
+        say("No CUDA GPU: running the correctness self-check and a reduced CPU benchmark of "
+            f"the torch backend (tokens {tokens}). GPU numbers need a GPU.")
+        if not args.skip_check:
+            from moe_adapter_kernels.check import run_check
+            ok = run_check("cpu", printer=say)
+            say("self-check:", "PASS" if ok else "FAIL")
+            status = 0 if ok else 1
+    names = args.backends or [b for b in backends.available_backends()
+                              if gpu or b == "torch"]
+    bench = timer(device)
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()})",
+            "torch": torch.__version__, "package": __version__, "commit": git_commit(),
+            "dtype": str(dtype).replace("torch.", ""), "preset": args.preset}
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    if gpu:
+        say("measuring device ceilings (bf16 matmul, copy)...")
+        meta["ceilings"] = ceilings(bench)
+        say(f"  bf16 matmul {meta['ceilings']['matmul_tflops']:.0f} TFLOP/s, "
+            f"copy {meta['ceilings']['copy_tbps']:.2f} TB/s")
+    torch.manual_seed(0)
+    dense = DenseAdapter(DenseAdapterConfig.paper()).to(device, dtype)
+    moe_cfg = MoEAdapterConfig.preset(args.preset)
+    moes = {}
+    for b in names:
+        m = MoEAdapter(moe_cfg, backend=b).to(device, dtype)
+        moes[f"moe-{b}"] = m
+    models = [("dense", dense, dense.flops_per_token())] + [
+        (n, m, m.flops_per_token()) for n, m in moes.items()]
+    total = len(tokens) * len(args.modes) * len(models)
+    rows, i = [], 0
+    for T in tokens:
+        x = torch.randn(T, moe_cfg.d_in, device=device, dtype=dtype)
+        for mode in args.modes:
+            dense_ms = None
+            for name, model, fpt in models:
+                i += 1
+                say(f"[{i}/{total}] T={T} {mode} {name} ...")
+                r = measure(name, model, x, mode, bench, device, fpt)
+                if name == "dense":
+                    dense_ms = r["ms"]
+                else:
+                    r["ratio"] = r["ms"] / dense_ms
+                rows.append(r)
+    table = format_table(rows)
+    header = (f"{meta['device']}, {meta['dtype']}, torch {meta['torch']}, triton "
+              f"{meta['triton']}, commit {meta['commit']}, {meta['date']}")
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "results": rows}, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(header + "\n\n" + "\n".join(table) + "\n")
+    print(header)
+    print("\n".join(table))
+    print(f"results written to {args.json}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""The README's usage example runs as written."""
+
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_python_examples_run():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks, "README has no python example"
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
+
+
+def test_readme_test_command_is_what_ci_runs():
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q' \
+        in README.read_text()
+    assert "pip install -q torch==2.13.0" in ci and 'pip install -q -e ".[test]"' in ci
+    assert ci.rstrip().endswith("python -m pytest -q")
