@@ -132,7 +132,12 @@ class MoEAdapter(nn.Module):
         return reference.routing_stats(self._routing, self.config.num_experts, self._l_aux)
 
 
-_MOE_IMPLS = {"torch": reference.moe_adapter}
+def _triton_forward(x, p, cfg):
+    from .ops import moe_adapter_forward  # imports triton: only when that backend runs
+    return moe_adapter_forward(x, p, cfg)
+
+
+_MOE_IMPLS = {"torch": reference.moe_adapter, "triton": _triton_forward}
 
 
 class DenseAdapter(nn.Module):

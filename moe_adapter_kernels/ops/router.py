@@ -1,0 +1,102 @@
+"""Router: logits = u @ W_g in fp32, top-k (ties to the lowest index), softmax over the k
+kept logits, and per-block expert counts for the permutation. One launch."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check, check_tensor, pow2
+
+BLOCK_T = 32  # tokens per router program; the permutation works on the same blocks
+
+
+@triton.jit
+def _router_kernel(U, Wg, Logits, Ids, Weights, BlockCounts, T, D,
+                   stride_u, stride_w, E: tl.constexpr, K: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    rows64 = rows.to(tl.int64)
+    ecols = tl.arange(0, BLOCK_E)
+    e_ok = ecols < E
+    dcols = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + dcols
+        u = tl.load(U + rows64[:, None] * stride_u + dd[None, :],
+                    mask=row_ok[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
+        w = tl.load(Wg + dd[:, None].to(tl.int64) * stride_w + ecols[None, :],
+                    mask=(dd[:, None] < D) & e_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(u, w, acc, input_precision="ieee")
+    tl.store(Logits + rows64[:, None] * E + ecols[None, :], acc,
+             mask=row_ok[:, None] & e_ok[None, :])
+
+    # top-k by repeated argmax; ties go to the lowest expert index
+    remaining = tl.where(e_ok[None, :], acc, float("-inf"))
+    slots = tl.arange(0, BLOCK_K)
+    kept = tl.full([BLOCK_T, BLOCK_K], float("-inf"), tl.float32)
+    ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
+    selected = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
+    for j in tl.static_range(K):
+        best = tl.max(remaining, 1)
+        idx = tl.min(tl.where(remaining == best[:, None], ecols[None, :], BLOCK_E), 1)
+        idx = tl.minimum(idx, E - 1)  # NaN rows: stay in range (their output is NaN anyway)
+        kept = tl.where(slots[None, :] == j, best[:, None], kept)
+        ids = tl.where(slots[None, :] == j, idx[:, None], ids)
+        hit = ecols[None, :] == idx[:, None]
+        selected = tl.where(hit, 1, selected)
+        remaining = tl.where(hit, float("-inf"), remaining)
+    z = tl.exp(kept - tl.max(kept, 1)[:, None])
+    z = tl.where(slots[None, :] < K, z, 0.0)
+    gates = z / tl.sum(z, 1)[:, None]
+    out_mask = row_ok[:, None] & (slots[None, :] < K)
+    tl.store(Ids + rows64[:, None] * K + slots[None, :], ids, mask=out_mask)
+    tl.store(Weights + rows64[:, None] * K + slots[None, :], gates, mask=out_mask)
+    counts = tl.sum(tl.where(row_ok[:, None], selected, 0), 0)
+    tl.store(BlockCounts + pid * E + ecols, counts, mask=e_ok)
+
+
+def route_forward(u: torch.Tensor, w_gate: torch.Tensor, top_k: int):
+    """Router on u [T, d] with w_gate [d, E].
+
+    Returns logits [T, E] fp32, topk_ids [T, k] int32 (descending logit), topk_weights [T, k]
+    fp32 (softmax over the k kept logits) and block_counts [cdiv(T, BLOCK_T), E] int32 (pairs
+    per expert in each block of BLOCK_T tokens).
+    """
+    check_tensor(u, "route", "u", 2)
+    check_tensor(w_gate, "route", "w_gate", 2, device=u.device)
+    T, d = u.shape
+    check(w_gate.shape[0] == d, "route", f"w_gate must be [{d}, E], got {tuple(w_gate.shape)}")
+    E = w_gate.shape[1]
+    check(1 <= top_k <= E, "route", f"top_k must be in [1, {E}], got {top_k}")
+    nb = triton.cdiv(T, BLOCK_T)
+    dev = u.device
+    logits = torch.empty(T, E, device=dev, dtype=torch.float32)
+    ids = torch.empty(T, top_k, device=dev, dtype=torch.int32)
+    weights = torch.empty(T, top_k, device=dev, dtype=torch.float32)
+    block_counts = torch.empty(nb, E, device=dev, dtype=torch.int32)
+    if T:
+        _router_kernel[(nb,)](u, w_gate, logits, ids, weights, block_counts, T, d,
+                              u.stride(0), w_gate.stride(0), E=E, K=top_k, BLOCK_T=BLOCK_T,
+                              BLOCK_E=pow2(E, 16), BLOCK_D=64, BLOCK_K=pow2(top_k, 2),
+                              num_warps=4)
+    return logits, ids, weights, block_counts
+
+
+@torch.library.custom_op("moe_adapter::route", mutates_args=())
+def route(u: torch.Tensor, w_gate: torch.Tensor, top_k: int
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch op of :func:`route_forward`: (logits, topk_ids, topk_weights, block_counts)."""
+    return route_forward(u, w_gate, top_k)
+
+
+@route.register_fake
+def _(u, w_gate, top_k):
+    T, E = u.shape[0], w_gate.shape[1]
+    return (u.new_empty(T, E, dtype=torch.float32), u.new_empty(T, top_k, dtype=torch.int32),
+            u.new_empty(T, top_k, dtype=torch.float32),
+            u.new_empty(triton.cdiv(T, BLOCK_T), E, dtype=torch.int32))

@@ -1,0 +1,235 @@
+"""Each Triton kernel against PyTorch, at small odd shapes (partial tiles everywhere).
+
+Without a GPU these run on the CPU under TRITON_INTERPRET=1 (set in conftest), fp32 and fp16.
+Outputs are poisoned before the kernels run, so an unwritten element fails the comparison.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from moe_adapter_kernels import ops, reference  # noqa: E402
+from moe_adapter_kernels.ops.router import BLOCK_T  # noqa: E402
+
+from helpers import rel_err  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16]
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+pytestmark = pytest.mark.usefixtures("poison")
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("T,N", [(0, 40), (1, 37), (45, 72)])
+def test_norm(dtype, kind, T, N):
+    x = randn(T, N, dtype=dtype, scale=3.0) + 1.0
+    w, b = randn(N, dtype=dtype), randn(N, dtype=dtype)
+    bias = b if kind == "layernorm" else None
+    y, mean, rstd = ops.norm(x, w, bias, kind, 1e-5)
+    assert y.shape == x.shape and y.dtype == dtype
+    if T:
+        assert rel_err(y, reference.norm(x, kind, w, bias, 1e-5)) < TOL[dtype]
+        xf = x.float()
+        ref_rstd = torch.rsqrt((xf - (xf.mean(1, keepdim=True) if kind == "layernorm" else 0))
+                               .pow(2).mean(1) + 1e-5)
+        assert rel_err(rstd, ref_rstd) < 1e-5
+
+
+def check_routing(u, w_gate, k):
+    logits, ids, weights, block_counts = ops.route(u, w_gate, k)
+    ref = reference.route(u, w_gate, k)
+    T, E = logits.shape
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    assert torch.equal(ids.long(), ref.topk_ids)
+    assert rel_err(weights, ref.topk_weights) < 1e-5
+    assert rel_err(logits, ref.logits) < 1e-5
+    expected = torch.zeros_like(block_counts)
+    for t in range(T):
+        for e in ids[t].tolist():
+            expected[t // BLOCK_T, e] += 1
+    assert torch.equal(block_counts, expected)
+    return ids
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,E,k", [(1, 8, 4), (45, 8, 4), (70, 16, 4), (33, 8, 1), (20, 4, 4),
+                                   (37, 5, 3)])
+def test_route(dtype, T, E, k):
+    u = randn(T, 72, dtype=dtype)
+    w_gate = randn(72, E, dtype=dtype, scale=0.3)
+    check_routing(u, w_gate, k)
+
+
+def test_route_ties_go_to_the_lowest_index():
+    u = randn(40, 24)
+    w = randn(24, 6)
+    w[:, 4] = w[:, 1]      # experts 1 and 4 always tie
+    w[:, 5] = 0.0          # expert 5 ties with every other zero logit
+    u[3] = 0.0             # token 3: all logits zero, a six-way tie
+    ids = check_routing(u, w, 3)
+    assert ids[3].tolist() == [0, 1, 2]
+    assert not ((ids == 4).any(1) & ~(ids == 1).any(1)).any()  # 4 never chosen without 1
+
+
+def test_route_empty_and_nan_rows_stay_in_range():
+    logits, ids, weights, counts = ops.route(randn(0, 16), randn(16, 8), 2)
+    assert ids.shape == (0, 2) and counts.shape == (0, 8)
+    u = randn(5, 16)
+    u[2] = float("nan")
+    _, ids, weights, _ = ops.route(u, randn(16, 8), 2)
+    assert ids.min() >= 0 and ids.max() < 8
+    assert torch.isnan(weights[2]).all() and torch.isfinite(weights[[0, 1, 3, 4]]).all()
+
+
+def permute_case(ids: torch.Tensor, E: int):
+    T, k = ids.shape
+    block_counts = torch.zeros(-(-T // BLOCK_T), E, dtype=torch.int32, device=ids.device)
+    for t in range(T):
+        for e in ids[t].tolist():
+            block_counts[t // BLOCK_T, e] += 1
+    sorted_pair, pair_pos, offsets = ops.permute(ids, block_counts, E)
+    flat = ids.reshape(-1).long()
+    assert torch.equal(sorted_pair.long(), torch.argsort(flat, stable=True))
+    assert torch.equal(pair_pos.long()[sorted_pair.long()],
+                       torch.arange(T * k, device=ids.device))
+    counts = torch.bincount(flat, minlength=E)
+    assert offsets.tolist() == [0] + torch.cumsum(counts, 0).tolist()
+
+
+def distinct_ids(T, E, k, experts=None):
+    """Random routing: k distinct experts per token, drawn from ``experts`` (default all)."""
+    pool = torch.tensor(experts if experts is not None else list(range(E)))
+    rows = [pool[torch.randperm(len(pool))[:k]] for _ in range(T)]
+    return (torch.stack(rows) if rows else torch.zeros(0, k, dtype=torch.long)).to(
+        device=DEVICE, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("T,E,k", [(0, 8, 4), (1, 8, 4), (31, 8, 4), (100, 8, 4), (77, 16, 4),
+                                   (65, 8, 1), (40, 4, 4), (50, 5, 3)])
+def test_permute(T, E, k):
+    permute_case(distinct_ids(T, E, k), E)
+
+
+def test_permute_all_tokens_to_one_expert_and_empty_experts():
+    permute_case(distinct_ids(90, 8, 1, experts=[6]), 8)
+    permute_case(distinct_ids(90, 8, 2, experts=[1, 6]), 8)
+
+
+def grouped_reference(a, b, ids, activation, weights=None):
+    """Per-pair act(a[token] @ b[expert]) * weight, in pair order, fp32."""
+    T, k = ids.shape
+    rows = []
+    for p, e in enumerate(ids.reshape(-1).tolist()):
+        r = a[p // k].float()[None] @ b[e].float()
+        if activation == "silu":
+            r = torch.nn.functional.silu(r)
+        elif activation == "swiglu":
+            g, up = r.chunk(2, dim=-1)
+            r = torch.nn.functional.silu(g) * up
+        if weights is not None:
+            r = r * weights.reshape(-1)[p].float()
+        rows.append(r)
+    return torch.cat(rows) if rows else a.new_zeros(0, 1).float()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["none", "silu", "swiglu"])
+@pytest.mark.parametrize("T,E,k,experts", [(37, 8, 4, None), (1, 8, 4, None), (50, 8, 1, [2]),
+                                           (29, 6, 3, [0, 1, 5]), (20, 4, 4, None)])
+def test_expert_up_and_down(dtype, activation, T, E, k, experts):
+    K, F, N = 72, 40, 24
+    u = randn(T, K, dtype=dtype)
+    w1 = randn(E, K, 2 * F if activation == "swiglu" else F, dtype=dtype, scale=0.2)
+    w2 = randn(E, F, N, dtype=dtype, scale=0.2)
+    ids = distinct_ids(T, E, k, experts)
+    weights = torch.softmax(torch.randn(T, k, device=DEVICE), -1)
+    sorted_pair = torch.argsort(ids.reshape(-1).long(), stable=True).to(torch.int32)
+    offsets = torch.zeros(E + 1, dtype=torch.int32, device=DEVICE)
+    offsets[1:] = torch.cumsum(torch.bincount(ids.reshape(-1).long(), minlength=E), 0)
+    h = ops.expert_up(u, w1, sorted_pair, offsets, k, activation)
+    assert h.shape == (T * k, F) and h.dtype == dtype
+    ref_h = grouped_reference(u, w1, ids, activation)  # pair order
+    assert rel_err(h, ref_h[sorted_pair.long()]) < TOL[dtype]
+    y_pairs = ops.expert_down(h, w2, sorted_pair, offsets, weights)
+    h_pairs = torch.empty_like(h)
+    h_pairs[sorted_pair.long()] = h
+    ref_y = grouped_reference(h_pairs, w2, ids.reshape(-1, 1), "none", weights)
+    assert rel_err(y_pairs, ref_y) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N", [(1, 24, 40), (70, 72, 56), (33, 100, 17)])
+def test_linear(dtype, M, K, N):
+    a, w = randn(M, K, dtype=dtype), randn(K, N, dtype=dtype, scale=0.2)
+    assert rel_err(ops.linear(a, w, "silu"), torch.nn.functional.silu(a.float() @ w.float())) \
+        < TOL[dtype]
+    assert rel_err(ops.linear(a, w, "none"), a.float() @ w.float()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "none"])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("T,k", [(0, 4), (1, 4), (23, 3)])
+def test_combine(dtype, norm, shared, T, k):
+    N = 40
+    y_pairs = randn(T * k, N, dtype=dtype)
+    s = randn(T, N, dtype=dtype) if shared else None
+    w = randn(N, dtype=dtype) if norm != "none" else None
+    b = randn(N, dtype=dtype) if norm == "layernorm" else None
+    y, _, _ = ops.combine(y_pairs, s, k, norm, w, b, 1e-5)
+    h = y_pairs.float().view(T, k, N).sum(1) + (s.float() if shared else 0)
+    assert y.shape == (T, N) and y.dtype == dtype
+    if T:
+        assert rel_err(y, reference.norm(h, norm, w, b, 1e-5)) < TOL[dtype]
+
+
+def test_ops_reject_bad_arguments():
+    u = randn(4, 16)
+    with pytest.raises(ValueError, match="w_gate"):
+        ops.route(u, randn(15, 8), 2)
+    with pytest.raises(ValueError, match="top_k"):
+        ops.route(u, randn(16, 8), 9)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.route(u.double(), randn(16, 8).double(), 2)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.linear(u, randn(16, 8, dtype=torch.float16), "none")
+    with pytest.raises(ValueError, match="reduction"):
+        ops.linear(u, randn(15, 8), "none")
+    with pytest.raises(ValueError, match="activation"):
+        ops.linear(u, randn(16, 8), "gelu")
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.norm(randn(8, 4).t(), None, None, "rmsnorm", 1e-5)
+
+
+def test_fake_implementations_match_real_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    u, wg = randn(37, 16), randn(16, 8)
+    real = ops.route(u, wg, 3)
+    ids_real = real[1]
+    perm_real = ops.permute(ids_real, real[3], 8)
+    w1, w2 = randn(8, 16, 24), randn(8, 12, 10)
+    up_real = ops.expert_up(u, w1, perm_real[0], perm_real[2], 3, "swiglu")
+    down_real = ops.expert_down(up_real, w2, perm_real[0], perm_real[2], real[2])
+    comb_real = ops.combine(down_real, None, 3, "rmsnorm", None, None, 1e-6)
+    with FakeTensorMode() as mode:
+        fu, fwg = mode.from_tensor(u), mode.from_tensor(wg)
+        fake = ops.route(fu, fwg, 3)
+        perm = ops.permute(fake[1], fake[3], 8)
+        up = ops.expert_up(fu, mode.from_tensor(w1), perm[0], perm[2], 3, "swiglu")
+        down = ops.expert_down(up, mode.from_tensor(w2), perm[0], perm[2], fake[2])
+        comb = ops.combine(down, None, 3, "rmsnorm", None, None, 1e-6)
+        lin = ops.linear(fu, fwg, "silu")
+        nrm = ops.norm(fu, None, None, "rmsnorm", 1e-6)
+    pairs = [(fake, real), (perm, perm_real), ((up,), (up_real,)), ((down,), (down_real,)),
+             (comb, comb_real), ((lin,), (torch.empty(37, 8),)), (nrm, ops.norm(u, None, None,
+                                                                                "rmsnorm", 1e-6))]
+    for fakes, reals in pairs:
+        for f, r in zip(fakes, reals):
+            assert f.shape == r.shape and f.dtype == r.dtype
