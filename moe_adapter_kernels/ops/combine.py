@@ -12,9 +12,10 @@ from .norm import NORM_CODES, _norm_row
 
 
 @triton.jit
-def _combine_kernel(Yp, S, Y, W, B, Mean, Rstd, N, eps, stride_p, stride_s, stride_y,
-                    K: tl.constexpr, HAS_SHARED: tl.constexpr, NORM: tl.constexpr,
-                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_N: tl.constexpr):
+def _combine_kernel(Yp, S, Y, Z, W, B, Mean, Rstd, N, eps, stride_p, stride_s, stride_y,
+                    stride_z, K: tl.constexpr, HAS_SHARED: tl.constexpr, NORM: tl.constexpr,
+                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, SAVE_SUM: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
@@ -23,6 +24,8 @@ def _combine_kernel(Yp, S, Y, W, B, Mean, Rstd, N, eps, stride_p, stride_s, stri
         acc += tl.load(Yp + (t * K + j) * stride_p + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_SHARED:
         acc += tl.load(S + t * stride_s + cols, mask=mask, other=0.0).to(tl.float32)
+    if SAVE_SUM:  # the norm's input, for the backward
+        tl.store(Z + t * stride_z + cols, acc.to(Z.dtype.element_ty), mask=mask)
     if NORM >= 0:
         acc, mean, rstd = _norm_row(acc, cols, N, W, B, eps, NORM == 1, HAS_W, HAS_B)
         tl.store(Mean + t, mean)
@@ -31,11 +34,12 @@ def _combine_kernel(Yp, S, Y, W, B, Mean, Rstd, N, eps, stride_p, stride_s, stri
 
 
 def combine_forward(y_pairs: torch.Tensor, top_k: int, shared: torch.Tensor | None,
-                    norm: str, weight, bias, eps: float):
+                    norm: str, weight, bias, eps: float, save_sum: bool = False):
     """y_pairs [T*k, N] (gate-weighted expert outputs in pair order), shared [T, N] or None.
 
-    Returns (y [T, N] in y_pairs.dtype, mean [T], rstd [T]); the statistics are those of the
-    norm (``layernorm``, ``rmsnorm``) and unset for ``none``.
+    Returns (y [T, N] in y_pairs.dtype, mean [T], rstd [T], z); the statistics are those of
+    the norm (``layernorm``, ``rmsnorm``) and unset for ``none``; z is the pre-norm sum [T, N]
+    when ``save_sum`` (kept for the backward), else an empty tensor.
     """
     check_tensor(y_pairs, "combine", "y_pairs", 2)
     P, N = y_pairs.shape
@@ -49,26 +53,28 @@ def combine_forward(y_pairs: torch.Tensor, top_k: int, shared: torch.Tensor | No
     y = torch.empty(T, N, device=dev, dtype=y_pairs.dtype)
     mean = torch.empty(T, device=dev, dtype=torch.float32)
     rstd = torch.empty(T, device=dev, dtype=torch.float32)
+    z = torch.empty(T if save_sum else 0, N, device=dev, dtype=y_pairs.dtype)
     if T:
-        _combine_kernel[(T,)](y_pairs, shared, y, weight, bias, mean, rstd, N, eps,
+        _combine_kernel[(T,)](y_pairs, shared, y, z, weight, bias, mean, rstd, N, eps,
                               y_pairs.stride(0), 0 if shared is None else shared.stride(0),
-                              y.stride(0), K=top_k, HAS_SHARED=shared is not None,
+                              y.stride(0), z.stride(0), K=top_k, HAS_SHARED=shared is not None,
                               NORM=NORM_CODES.get(norm, -1), HAS_W=weight is not None,
-                              HAS_B=bias is not None, BLOCK_N=pow2(N),
+                              HAS_B=bias is not None, SAVE_SUM=save_sum, BLOCK_N=pow2(N),
                               num_warps=4 if N <= 4096 else 8)
-    return y, mean, rstd
+    return y, mean, rstd, z
 
 
 @torch.library.custom_op("moe_adapter::combine", mutates_args=())
 def combine(y_pairs: torch.Tensor, shared: torch.Tensor | None, top_k: int, norm: str,
-            weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Torch op of :func:`combine_forward`: (y [T, N], mean [T], rstd [T])."""
-    return combine_forward(y_pairs, top_k, shared, norm, weight, bias, eps)
+            weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+            save_sum: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch op of :func:`combine_forward`: (y [T, N], mean [T], rstd [T], z)."""
+    return combine_forward(y_pairs, top_k, shared, norm, weight, bias, eps, save_sum)
 
 
 @combine.register_fake
-def _(y_pairs, shared, top_k, norm, weight, bias, eps):
-    T = y_pairs.shape[0] // top_k
-    return (y_pairs.new_empty(T, y_pairs.shape[1]), y_pairs.new_empty(T, dtype=torch.float32),
-            y_pairs.new_empty(T, dtype=torch.float32))
+def _(y_pairs, shared, top_k, norm, weight, bias, eps, save_sum=False):
+    T, N = y_pairs.shape[0] // top_k, y_pairs.shape[1]
+    return (y_pairs.new_empty(T, N), y_pairs.new_empty(T, dtype=torch.float32),
+            y_pairs.new_empty(T, dtype=torch.float32), y_pairs.new_empty(T if save_sum else 0, N))

@@ -38,24 +38,64 @@ def _tile_of_group(pid_m, Offsets, M, NUM_GROUPS: tl.constexpr, BLOCK_M: tl.cons
 
 
 @triton.jit
-def _grouped_gemm_kernel(
-        A, B, C, PairIds, Scale, Offsets, M, N, K,
-        stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_cm, stride_cn,
-        NUM_GROUPS: tl.constexpr, GATHER_DIV: tl.constexpr, SCATTER: tl.constexpr,
-        HAS_SCALE: tl.constexpr, ACT: tl.constexpr, DOT_FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    if NUM_GROUPS == 0:  # dense: one group of M rows
+def _tile_rows(pid_m, Offsets, M, NUM_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(group, rows, row mask) of an M tile; dense (NUM_GROUPS == 0) is one group of M rows."""
+    if NUM_GROUPS == 0:
         group = 0
         row_start = pid_m * BLOCK_M
         row_end = M
     else:
         group, row_start, row_end = _tile_of_group(pid_m, Offsets, M, NUM_GROUPS, BLOCK_M)
-        if group < 0:
-            return
     rm = row_start + tl.arange(0, BLOCK_M)
-    m_ok = rm < row_end
+    return group, rm, rm < row_end
+
+
+@triton.jit
+def _mainloop(A, B, a_row, m_ok, group, rn, n_ok, K, stride_am, stride_ak, stride_bg,
+              stride_bk, stride_bn, B_SHIFT, TWO_B: tl.constexpr, DOT_FP32: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc = A[a_row] @ B[group][:, rn]; with TWO_B also acc2 = A[a_row] @ B[group][:, rn +
+    B_SHIFT] (the up half of a SwiGLU weight). fp32 accumulation, 64-bit addressing."""
+    rk = tl.arange(0, BLOCK_K)
+    a_ptr = A + a_row[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptr = B + group.to(tl.int64) * stride_bg + rk[:, None] * stride_bk + rn[None, :] * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk) < K
+        a = tl.load(a_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            acc = tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        if TWO_B:
+            b2 = tl.load(b_ptr + B_SHIFT * stride_bn, mask=k_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            if DOT_FP32:
+                acc2 = tl.dot(a, b2.to(tl.float32), acc2, input_precision="ieee")
+            else:
+                acc2 = tl.dot(a, b2, acc2)
+        a_ptr += BLOCK_K * stride_ak
+        b_ptr += BLOCK_K * stride_bk
+    return acc, acc2
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+        A, B, C, Preact, PairIds, Scale, Offsets, M, N, K,
+        stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_cm, stride_cn, stride_pm,
+        NUM_GROUPS: tl.constexpr, GATHER_DIV: tl.constexpr, SCATTER: tl.constexpr,
+        HAS_SCALE: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
+        DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
+    """Forward: C = act(A[rows] @ B[g]) * scale; optionally also the pre-activation."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group, rm, m_ok = _tile_rows(pid_m, Offsets, M, NUM_GROUPS, BLOCK_M)
+    if group < 0:
+        return
     if GATHER_DIV > 0 or SCATTER or HAS_SCALE:
         pair = tl.load(PairIds + rm, mask=m_ok, other=0).to(tl.int64)
     if GATHER_DIV > 0:
@@ -64,30 +104,15 @@ def _grouped_gemm_kernel(
         a_row = rm.to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
-    rk = tl.arange(0, BLOCK_K)
-    a_ptr = A + a_row[:, None] * stride_am + rk[None, :] * stride_ak
-    b_ptr = B + group.to(tl.int64) * stride_bg + rk[:, None] * stride_bk + rn[None, :] * stride_bn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if ACT == 2:
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + rk) < K
-        a = tl.load(a_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        if ACT == 2:  # SwiGLU: the up half sits N columns to the right of the gate half
-            bu = tl.load(b_ptr + N * stride_bn, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if DOT_FP32:
-                acc_up = tl.dot(a, bu.to(tl.float32), acc_up, input_precision="ieee")
-            else:
-                acc_up = tl.dot(a, bu, acc_up)
-        a_ptr += BLOCK_K * stride_ak
-        b_ptr += BLOCK_K * stride_bk
+    acc, acc_up = _mainloop(A, B, a_row, m_ok, group, rn, n_ok, K, stride_am, stride_ak,
+                            stride_bg, stride_bk, stride_bn, N, ACT == 2, DOT_FP32,
+                            BLOCK_M, BLOCK_N, BLOCK_K)
+    mask = m_ok[:, None] & n_ok[None, :]
+    if STORE_PREACT:  # sorted rows; SwiGLU keeps [gate | up]
+        p_ptr = Preact + rm.to(tl.int64)[:, None] * stride_pm + rn[None, :]
+        tl.store(p_ptr, acc.to(Preact.dtype.element_ty), mask=mask)
+        if ACT == 2:
+            tl.store(p_ptr + N, acc_up.to(Preact.dtype.element_ty), mask=mask)
     if ACT == 1:
         acc = acc * tl.sigmoid(acc)
     if ACT == 2:
@@ -98,8 +123,58 @@ def _grouped_gemm_kernel(
         out_row = pair
     else:
         out_row = rm.to(tl.int64)
-    c_ptr = C + out_row[:, None] * stride_cm + rn[None, :] * stride_cn
-    tl.store(c_ptr, acc.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(C + out_row[:, None] * stride_cm + rn[None, :] * stride_cn,
+             acc.to(C.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_dact_kernel(
+        A, B, Preact, DPreact, PairIds, Gate, DGate, Offsets, M, N, K,
+        stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_pm, stride_dg,
+        NUM_GROUPS: tl.constexpr, GATHER_DIV: tl.constexpr, ACT: tl.constexpr,
+        HAS_GATE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Backward through ``C = g * act(z) @ W``: with dh = dC[rows] @ W[g]^T (this GEMM),
+    dz = g * dh * act'(z) and, when gated, dg partials = sum over this N tile of dh * act(z).
+    z (the saved pre-activation) and dz are in sorted rows; dg partials in pair order."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    group, rm, m_ok = _tile_rows(pid_m, Offsets, M, NUM_GROUPS, BLOCK_M)
+    if group < 0:
+        return
+    if GATHER_DIV > 0 or HAS_GATE:
+        pair = tl.load(PairIds + rm, mask=m_ok, other=0).to(tl.int64)
+    if GATHER_DIV > 0:
+        a_row = pair // GATHER_DIV
+    else:
+        a_row = rm.to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    dh, _ = _mainloop(A, B, a_row, m_ok, group, rn, n_ok, K, stride_am, stride_ak, stride_bg,
+                      stride_bk, stride_bn, 0, False, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+    mask = m_ok[:, None] & n_ok[None, :]
+    p_ptr = Preact + rm.to(tl.int64)[:, None] * stride_pm + rn[None, :]
+    d_ptr = DPreact + rm.to(tl.int64)[:, None] * stride_pm + rn[None, :]
+    z = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(z)
+    if ACT == 2:
+        up = tl.load(p_ptr + N, mask=mask, other=0.0).to(tl.float32)
+        h = z * sig * up
+    elif ACT == 1:
+        h = z * sig
+    else:
+        h = z
+    if HAS_GATE:
+        tl.store(DGate + pair * stride_dg + pid_n, tl.sum(dh * h, 1), mask=m_ok)
+        dh = dh * tl.load(Gate + pair, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+    dsilu = sig * (1.0 + z * (1.0 - sig))
+    if ACT == 2:
+        tl.store(d_ptr, (dh * up * dsilu).to(DPreact.dtype.element_ty), mask=mask)
+        tl.store(d_ptr + N, (dh * z * sig).to(DPreact.dtype.element_ty), mask=mask)
+    elif ACT == 1:
+        tl.store(d_ptr, (dh * dsilu).to(DPreact.dtype.element_ty), mask=mask)
+    else:
+        tl.store(d_ptr, dh.to(DPreact.dtype.element_ty), mask=mask)
 
 
 def default_config(dtype: torch.dtype) -> dict:
@@ -112,68 +187,114 @@ def default_config(dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
+def _check_gemm(op, a, b, offsets, activation, pair_ids, needs_pairs):
+    check_tensor(a, op, "a", 2)
+    grouped = offsets is not None
+    check(isinstance(b, torch.Tensor) and b.dim() == (3 if grouped else 2), op,
+          f"b must be a {3 if grouped else 2}-dim tensor")
+    check(b.dtype == a.dtype and b.device == a.device, op,
+          f"b ({b.dtype}, {b.device}) must match a ({a.dtype}, {a.device})", TypeError)
+    check(activation in ACTIVATIONS, op, f"activation must be one of {list(ACTIVATIONS)}")
+    check(b.shape[-2] == a.shape[1], op, f"b's reduction dim is {b.shape[-2]}, a has "
+          f"K={a.shape[1]}")
+    check(not needs_pairs or pair_ids is not None, op, "gather/scatter/scale need pair_ids")
+    if grouped:
+        check_tensor(offsets, op, "offsets", 1, dtypes=(torch.int32,), device=a.device)
+        check(offsets.shape[0] == b.shape[0] + 1, op, "offsets must have G+1 entries")
+    bs = b.stride() if grouped else (0,) + tuple(b.stride())
+    return (b.shape[0] if grouped else 0), bs
+
+
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, *, offsets: torch.Tensor | None = None,
                  pair_ids: torch.Tensor | None = None, gather_div: int = 0,
                  scatter: bool = False, scale: torch.Tensor | None = None,
-                 activation: str = "none", out: torch.Tensor | None = None,
-                 config: dict | None = None) -> torch.Tensor:
+                 activation: str = "none", save_preact: bool = False,
+                 config: dict | None = None):
     """C[rows] = act(A[rows] @ B[group]) (* scale[pair]) for every group's rows.
 
-    a: [Ma, K]. b: [G, K, Nb] with offsets [G+1] int32 (grouped), or [K, Nb] (dense, one
-    group). Output has M = offsets' last value rows when grouped, Ma rows when dense (the
-    caller passes M through ``out``'s shape, or it is Ma): C [M, N] with N = Nb, or Nb / 2 for
-    ``swiglu`` (b holds [gate | up]).
+    a: [Ma, K]. b: [G, K, Nb] (any strides) with offsets [G+1] int32 (grouped), or [K, Nb]
+    (dense, one group of Ma rows). Grouped output has M = len(pair_ids) rows. C is [M, N] with
+    N = Nb, or Nb / 2 for ``swiglu`` (b holds [gate | up]).
     pair_ids [M] int32: the pair id at each sorted row; ``gather_div`` > 0 reads A row
     pair // gather_div; ``scatter`` writes C row pair instead of the sorted row; ``scale`` [P]
-    multiplies each row by scale[pair].
+    multiplies each row by scale[pair]. ``save_preact`` also returns the pre-activation
+    [M, Nb] in sorted rows (for the backward): (C, preact).
     """
     op = "grouped_gemm"
-    check_tensor(a, op, "a", 2)
-    dev = a.device
-    grouped = offsets is not None
-    check_tensor(b, op, "b", 3 if grouped else 2, dtypes=(a.dtype,), device=dev)
-    check(activation in ACTIVATIONS, op, f"activation must be one of {list(ACTIVATIONS)}")
-    K = a.shape[1]
-    check(b.shape[-2] == K, op, f"b's reduction dim is {b.shape[-2]}, a has K={K}")
-    n_out = b.shape[-1] // 2 if activation == "swiglu" else b.shape[-1]
     needs_pairs = gather_div > 0 or scatter or scale is not None
-    check(not needs_pairs or pair_ids is not None, op, "gather/scatter/scale need pair_ids")
-    if grouped:
-        check_tensor(offsets, op, "offsets", 1, dtypes=(torch.int32,), device=dev)
-        check(offsets.shape[0] == b.shape[0] + 1, op, "offsets must have G+1 entries")
-    M = out.shape[0] if out is not None else (pair_ids.shape[0] if grouped else a.shape[0])
-    if out is None:
-        out = torch.empty(M, n_out, device=dev, dtype=a.dtype)
-    check(tuple(out.shape[1:]) == (n_out,), op, f"out must be [M, {n_out}]")
+    groups, bs = _check_gemm(op, a, b, offsets, activation, pair_ids, needs_pairs)
+    n_out = b.shape[-1] // 2 if activation == "swiglu" else b.shape[-1]
+    M = pair_ids.shape[0] if groups else a.shape[0]
+    out = torch.empty(M, n_out, device=a.device, dtype=a.dtype)
+    preact = torch.empty(M, b.shape[-1], device=a.device, dtype=a.dtype) if save_preact else None
     cfg = dict(config or default_config(a.dtype))
-    if M == 0 or n_out == 0:
-        return out
-    bs = b.stride() if grouped else (0,) + tuple(b.stride())
-    groups = b.shape[0] if grouped else 0
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) + groups, triton.cdiv(n_out, cfg["BLOCK_N"]))
-    _grouped_gemm_kernel[grid](
-        a, b, out, pair_ids, scale, offsets, M, n_out, K,
-        a.stride(0), a.stride(1), bs[0], bs[1], bs[2], out.stride(0), out.stride(1),
-        NUM_GROUPS=groups, GATHER_DIV=gather_div, SCATTER=scatter,
-        HAS_SCALE=scale is not None, ACT=ACTIVATIONS[activation],
-        DOT_FP32=dot_in_fp32(a.dtype), **cfg)
-    return out
+    if M and n_out:
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) + groups, triton.cdiv(n_out, cfg["BLOCK_N"]))
+        _grouped_gemm_kernel[grid](
+            a, b, out, preact, pair_ids, scale, offsets, M, n_out, a.shape[1],
+            a.stride(0), a.stride(1), bs[0], bs[1], bs[2], out.stride(0), out.stride(1),
+            0 if preact is None else preact.stride(0),
+            NUM_GROUPS=groups, GATHER_DIV=gather_div, SCATTER=scatter,
+            HAS_SCALE=scale is not None, ACT=ACTIVATIONS[activation], STORE_PREACT=save_preact,
+            DOT_FP32=dot_in_fp32(a.dtype), **cfg)
+    return (out, preact) if save_preact else out
+
+
+def grouped_dact(dc: torch.Tensor, w: torch.Tensor, preact: torch.Tensor, activation: str, *,
+                 offsets: torch.Tensor | None = None, pair_ids: torch.Tensor | None = None,
+                 gather_div: int = 0, gate: torch.Tensor | None = None,
+                 config: dict | None = None):
+    """Backward of ``C = gate * act(Z) @ W`` into the pre-activation Z (sorted rows).
+
+    dc: [Ma, N] upstream gradient (rows gathered by pair // gather_div when > 0); w: [G, F, N]
+    or [F, N] (the forward weight; transposed here through strides); preact: Z [M, F'].
+    Returns dZ [M, F'] and, with ``gate`` [P] (flattened topk weights), dgate [P] fp32.
+    """
+    op = "grouped_dact"
+    wt = w.transpose(-1, -2)
+    groups, bs = _check_gemm(op, dc, wt, offsets, activation, pair_ids,
+                             gather_div > 0 or gate is not None)
+    F = wt.shape[-1]
+    check(preact.shape[-1] == (2 * F if activation == "swiglu" else F), op,
+          f"preact has {preact.shape[-1]} columns for activation {activation} and F={F}")
+    M = preact.shape[0]
+    cfg = dict(config or default_config(dc.dtype))
+    n_tiles = triton.cdiv(F, cfg["BLOCK_N"])
+    dpre = torch.empty_like(preact)
+    dgate_part = (torch.empty(gate.numel(), n_tiles, device=dc.device, dtype=torch.float32)
+                  if gate is not None else None)
+    if M and F:
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) + groups, n_tiles)
+        _grouped_dact_kernel[grid](
+            dc, wt, preact, dpre, pair_ids, gate, dgate_part, offsets, M, F, dc.shape[1],
+            dc.stride(0), dc.stride(1), bs[0], bs[1], bs[2], preact.stride(0),
+            0 if dgate_part is None else dgate_part.stride(0),
+            NUM_GROUPS=groups, GATHER_DIV=gather_div, ACT=ACTIVATIONS[activation],
+            HAS_GATE=gate is not None, DOT_FP32=dot_in_fp32(dc.dtype), **cfg)
+    if gate is None:
+        return dpre
+    dgate = dgate_part.sum(1) if M else torch.zeros(gate.numel(), device=dc.device)
+    return dpre, dgate
 
 
 @torch.library.custom_op("moe_adapter::expert_up", mutates_args=())
 def expert_up(u: torch.Tensor, w1: torch.Tensor, sorted_pair: torch.Tensor,
-              expert_offsets: torch.Tensor, top_k: int, activation: str) -> torch.Tensor:
+              expert_offsets: torch.Tensor, top_k: int, activation: str,
+              save_preact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed up-projection. u [T, d] (gathered by token = pair // k inside the GEMM), w1
-    [E, d, F'] -> h [T*k, F] in expert-sorted order, activation (``silu``, ``swiglu``, or
-    ``none``) applied in the epilogue."""
-    return grouped_gemm(u, w1, offsets=expert_offsets, pair_ids=sorted_pair, gather_div=top_k,
-                        activation=activation)
+    [E, d, F'] -> (h [T*k, F], preact) in expert-sorted order, the activation (``silu``,
+    ``swiglu`` or ``none``) applied in the epilogue. preact [T*k, F'] is the pre-activation
+    when ``save_preact``, else empty."""
+    out = grouped_gemm(u, w1, offsets=expert_offsets, pair_ids=sorted_pair, gather_div=top_k,
+                       activation=activation, save_preact=save_preact)
+    return out if save_preact else (out, u.new_empty(0))
 
 
 @expert_up.register_fake
-def _(u, w1, sorted_pair, expert_offsets, top_k, activation):
+def _(u, w1, sorted_pair, expert_offsets, top_k, activation, save_preact=False):
     n = w1.shape[-1] // 2 if activation == "swiglu" else w1.shape[-1]
-    return u.new_empty(sorted_pair.shape[0], n)
+    P = sorted_pair.shape[0]
+    return u.new_empty(P, n), u.new_empty(P, w1.shape[-1]) if save_preact else u.new_empty(0)
 
 
 @torch.library.custom_op("moe_adapter::expert_down", mutates_args=())
@@ -191,12 +312,64 @@ def _(h, w2, sorted_pair, expert_offsets, topk_weights):
 
 
 @torch.library.custom_op("moe_adapter::linear", mutates_args=())
-def linear(a: torch.Tensor, w: torch.Tensor, activation: str) -> torch.Tensor:
-    """Dense a [M, K] @ w [K, N] with the activation fused (the shared / aggregation MLP)."""
-    return grouped_gemm(a, w, activation=activation)
+def linear(a: torch.Tensor, w: torch.Tensor, activation: str, save_preact: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense a [M, K] @ w [K, N] (w may be a transposed view) with the activation fused, for
+    the shared / aggregation MLP: (c [M, N'], preact [M, N] when ``save_preact``, else
+    empty)."""
+    out = grouped_gemm(a, w, activation=activation, save_preact=save_preact)
+    return out if save_preact else (out, a.new_empty(0))
 
 
 @linear.register_fake
-def _(a, w, activation):
+def _(a, w, activation, save_preact=False):
     n = w.shape[-1] // 2 if activation == "swiglu" else w.shape[-1]
-    return a.new_empty(a.shape[0], n)
+    return a.new_empty(a.shape[0], n), (a.new_empty(a.shape[0], w.shape[-1]) if save_preact
+                                        else a.new_empty(0))
+
+
+@torch.library.custom_op("moe_adapter::expert_dact", mutates_args=())
+def expert_dact(dz: torch.Tensor, w2: torch.Tensor, preact: torch.Tensor,
+                sorted_pair: torch.Tensor, expert_offsets: torch.Tensor,
+                topk_weights: torch.Tensor, top_k: int, activation: str
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of the routed experts' down-projection into their pre-activation.
+
+    dz [T, N] (gradient of the routed sum, gathered by token), w2 [E, F, N], preact [T*k, F']
+    (sorted). Returns (dpreact [T*k, F'] sorted, dgate [T, k] fp32)."""
+    dpre, dgate = grouped_dact(dz, w2, preact, activation, offsets=expert_offsets,
+                               pair_ids=sorted_pair, gather_div=top_k,
+                               gate=topk_weights.reshape(-1))
+    return dpre, dgate.view(topk_weights.shape)
+
+
+@expert_dact.register_fake
+def _(dz, w2, preact, sorted_pair, expert_offsets, topk_weights, top_k, activation):
+    return torch.empty_like(preact), topk_weights.new_empty(topk_weights.shape,
+                                                            dtype=torch.float32)
+
+
+@torch.library.custom_op("moe_adapter::linear_dact", mutates_args=())
+def linear_dact(dc: torch.Tensor, w: torch.Tensor, preact: torch.Tensor, activation: str
+                ) -> torch.Tensor:
+    """Backward of ``c = act(z) @ w`` into z: dc [M, N], w [F, N], preact z [M, F']."""
+    return grouped_dact(dc, w, preact, activation)
+
+
+@linear_dact.register_fake
+def _(dc, w, preact, activation):
+    return torch.empty_like(preact)
+
+
+@torch.library.custom_op("moe_adapter::expert_dx", mutates_args=())
+def expert_dx(dpreact: torch.Tensor, w1: torch.Tensor, sorted_pair: torch.Tensor,
+              expert_offsets: torch.Tensor) -> torch.Tensor:
+    """Input gradient of the routed up-projection per pair: dpreact [T*k, F'] (sorted) @
+    w1[e]^T -> [T*k, d] in pair order (the caller sums the k slots of each token)."""
+    return grouped_gemm(dpreact, w1.transpose(1, 2), offsets=expert_offsets,
+                        pair_ids=sorted_pair, scatter=True)
+
+
+@expert_dx.register_fake
+def _(dpreact, w1, sorted_pair, expert_offsets):
+    return dpreact.new_empty(dpreact.shape[0], w1.shape[1])

@@ -1,4 +1,4 @@
-"""The fused forward pipeline: norm -> route -> permute -> expert up/down -> shared -> combine."""
+"""The fused MoE-Adapter forward used by the module's ``triton`` backend."""
 
 from __future__ import annotations
 
@@ -6,44 +6,26 @@ import torch
 
 from .. import reference
 from ..config import MoEAdapterConfig
-from .combine import combine
-from .grouped_gemm import expert_down, expert_up, linear
-from .norm import norm
-from .permute import permute
-from .router import route
-
-
-def _norm(x, p, name, cfg):
-    if cfg.norm == "none":
-        return x
-    return norm(x, p.get(name + ".weight"), p.get(name + ".bias"), cfg.norm, cfg.norm_eps)[0]
-
-
-def _combine(y_pairs, shared, p, name, cfg):
-    return combine(y_pairs, shared, cfg.top_k, cfg.norm, p.get(name + ".weight"),
-                   p.get(name + ".bias"), cfg.norm_eps)[0]
+from .autograd import PARAMS, MoEAdapterFunction, fused_forward
 
 
 def moe_adapter_forward(x: torch.Tensor, p: dict, cfg: MoEAdapterConfig):
-    """MoE-Adapter forward with the Triton kernels; same contract as
-    :func:`moe_adapter_kernels.reference.moe_adapter`: (y [T, d_out], routing, L_aux)."""
+    """MoE-Adapter with the Triton kernels; same contract as
+    :func:`moe_adapter_kernels.reference.moe_adapter`: (y [T, d_out], routing, L_aux).
+
+    Differentiable through :class:`MoEAdapterFunction` when autograd needs it; under
+    ``torch.no_grad()`` (or with nothing requiring grad) nothing is saved for backward.
+    Parameters are cast to x's dtype (autocast runs fp32 weights in bf16/fp16 this way).
+    """
     if cfg.router_dtype != "float32":
         raise ValueError(f"router_dtype={cfg.router_dtype!r} is only supported by the torch "
                          "backend; the Triton router computes in float32")
     x = x.contiguous()
-    u = _norm(x, p, "norm_in", cfg)
-    logits, ids, weights, block_counts = route(u, p["w_gate"], cfg.top_k)
-    sorted_pair, _, offsets = permute(ids, block_counts, cfg.num_experts)
-    h = expert_up(u, p["w1"], sorted_pair, offsets, cfg.top_k, cfg.expert_activation)
-    y_pairs = expert_down(h, p["w2"], sorted_pair, offsets, weights)
-    if cfg.topology == "shared":
-        shared = None
-        if cfg.shared_dim:
-            shared = linear(linear(u, p["shared_w1"], "silu"), p["shared_w2"], "none")
-        y = _combine(y_pairs, shared, p, "norm_out", cfg)
+    params = [None if p.get(n) is None else p[n].to(x.dtype) for n in PARAMS]
+    if torch.is_grad_enabled() and (x.requires_grad or any(
+            t is not None and t.requires_grad for t in params)):
+        y, logits, gates, ids = MoEAdapterFunction.apply(cfg, x, *params)
     else:
-        h_mid = _combine(y_pairs, None, p, "norm_mid", cfg)
-        a = linear(linear(h_mid, p["shared_w1"], "silu"), p["shared_w2"], "none")
-        y = _norm(a, p, "norm_out", cfg)
-    routing = reference.Routing(logits, ids, weights)
+        y, logits, gates, ids, _ = fused_forward(cfg, x, dict(zip(PARAMS, params)), save=False)
+    routing = reference.Routing(logits, ids, gates)
     return y, routing, reference.aux_loss(routing, cfg.num_experts, cfg.aux_loss_variant)

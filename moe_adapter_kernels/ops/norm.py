@@ -61,6 +61,75 @@ def norm_forward(x: torch.Tensor, kind: str, weight, bias, eps: float):
     return y, mean, rstd
 
 
+@triton.jit
+def _norm_bwd_kernel(DY, X, W, Mean, Rstd, DX, DWp, DBp, T, N, stride_dy, stride_x, stride_dx,
+                     ROWS: tl.constexpr, IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
+                     HAS_B: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dx for ROWS rows, plus this program's partial sums of dw (dy * xhat) and db (dy)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    if HAS_W:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for r in range(ROWS):
+        row = pid * ROWS + r
+        row64 = row.to(tl.int64)
+        rmask = mask & ((row + cols * 0) < T)
+        x = tl.load(X + row64 * stride_x + cols, mask=rmask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row64 * stride_dy + cols, mask=rmask, other=0.0).to(tl.float32)
+        row_c = tl.minimum(row, T - 1)  # stats of a row past the end: any valid row, dy is 0
+        mean = tl.load(Mean + row_c)
+        rstd = tl.load(Rstd + row_c)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        if HAS_W:
+            wdy = dy * w
+        else:
+            wdy = dy
+        c1 = tl.sum(xhat * wdy, 0) / N
+        if IS_RMS:
+            dx = (wdy - xhat * c1) * rstd
+        else:
+            dx = (wdy - xhat * c1 - tl.sum(wdy, 0) / N) * rstd
+        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=rmask)
+        dw += dy * xhat
+        db += dy
+    if HAS_W:
+        tl.store(DWp + pid * N + cols, dw, mask=mask)
+    if HAS_B:
+        tl.store(DBp + pid * N + cols, db, mask=mask)
+
+
+NORM_BWD_ROWS = 16
+
+
+def norm_backward(dy: torch.Tensor, x: torch.Tensor, kind: str, weight, bias, mean, rstd,
+                  dx_dtype: torch.dtype | None = None):
+    """Gradients of y = N(x): (dx [T, N], dweight [N] or None, dbias [N] or None).
+
+    x is the saved norm input, mean/rstd the forward's statistics. Weight and bias gradients
+    are per-program partial sums reduced in a fixed order (deterministic).
+    """
+    check_tensor(dy, "norm_backward", "dy", 2)
+    check_tensor(x, "norm_backward", "x", 2, device=dy.device)
+    check(dy.shape == x.shape, "norm_backward", f"dy {tuple(dy.shape)} != x {tuple(x.shape)}")
+    T, N = x.shape
+    dx = torch.empty(T, N, device=x.device, dtype=dx_dtype or x.dtype)
+    nprog = triton.cdiv(T, NORM_BWD_ROWS)
+    dwp = torch.empty(nprog, N, device=x.device, dtype=torch.float32)
+    dbp = torch.empty(nprog, N, device=x.device, dtype=torch.float32)
+    if T:
+        _norm_bwd_kernel[(nprog,)](dy, x, weight, mean, rstd, dx, dwp, dbp, T, N,
+                                   dy.stride(0), x.stride(0), dx.stride(0), ROWS=NORM_BWD_ROWS,
+                                   IS_RMS=kind == "rmsnorm", HAS_W=weight is not None,
+                                   HAS_B=bias is not None, BLOCK_N=pow2(N),
+                                   num_warps=4 if N <= 4096 else 8)
+    dweight = None if weight is None else dwp.sum(0).to(weight.dtype)
+    dbias = None if bias is None else dbp.sum(0).to(bias.dtype)
+    return dx, dweight, dbias
+
+
 @torch.library.custom_op("moe_adapter::norm", mutates_args=())
 def norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, kind: str,
          eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,3 +142,20 @@ def _(x, weight, bias, kind, eps):
     T = x.shape[0]
     return (torch.empty_like(x), x.new_empty(T, dtype=torch.float32),
             x.new_empty(T, dtype=torch.float32))
+
+
+@torch.library.custom_op("moe_adapter::norm_backward", mutates_args=())
+def norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+             bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, kind: str
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch op of :func:`norm_backward`: (dx, dweight, dbias); a missing parameter's
+    gradient is an empty tensor."""
+    dx, dw, db = norm_backward(dy, x, kind, weight, bias, mean, rstd)
+    empty = x.new_empty(0)
+    return dx, empty if dw is None else dw, empty if db is None else db
+
+
+@norm_bwd.register_fake
+def _(dy, x, weight, bias, mean, rstd, kind):
+    return (torch.empty_like(x), x.new_empty(0) if weight is None else torch.empty_like(weight),
+            x.new_empty(0) if bias is None else torch.empty_like(bias))
