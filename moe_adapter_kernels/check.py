@@ -41,10 +41,11 @@ def check_backend(backend: str, cfg: MoEAdapterConfig, tokens: int, dtype: torch
         ref = MoEAdapter(cfg, backend="torch").to(device=device, dtype=dtype)
         ref.load_state_dict(model.state_dict())
         out = {}
+        dy = torch.randn(tokens, cfg.d_out, device=device)  # random upstream gradient
         for name, m in (("test", model), ("ref", ref)):
             xi = x.clone().requires_grad_(True)
             y = m(xi)
-            (y.float().square().mean() + m.aux_loss).backward()
+            ((y.float() * dy).sum() + m.aux_loss).backward()
             out[name] = (y, m.aux_loss, xi.grad, {n: p.grad for n, p in m.named_parameters()})
         t, r = out["test"], out["ref"]
         errs = {"forward": rel_err(t[0], r[0]), "aux_loss": rel_err(t[1], r[1]),

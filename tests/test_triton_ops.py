@@ -153,8 +153,11 @@ def test_expert_up_and_down(dtype, activation, T, E, k, experts):
     sorted_pair = torch.argsort(ids.reshape(-1).long(), stable=True).to(torch.int32)
     offsets = torch.zeros(E + 1, dtype=torch.int32, device=DEVICE)
     offsets[1:] = torch.cumsum(torch.bincount(ids.reshape(-1).long(), minlength=E), 0)
-    h = ops.expert_up(u, w1, sorted_pair, offsets, k, activation)
+    h, pre = ops.expert_up(u, w1, sorted_pair, offsets, k, activation, True)
     assert h.shape == (T * k, F) and h.dtype == dtype
+    ref_pre = grouped_reference(u, w1, ids, "none")[sorted_pair.long()]
+    assert pre.shape == (T * k, w1.shape[-1]) and rel_err(pre, ref_pre) < TOL[dtype]
+    assert ops.expert_up(u, w1, sorted_pair, offsets, k, activation)[1].numel() == 0
     ref_h = grouped_reference(u, w1, ids, activation)  # pair order
     assert rel_err(h, ref_h[sorted_pair.long()]) < TOL[dtype]
     y_pairs = ops.expert_down(h, w2, sorted_pair, offsets, weights)
@@ -168,9 +171,12 @@ def test_expert_up_and_down(dtype, activation, T, E, k, experts):
 @pytest.mark.parametrize("M,K,N", [(1, 24, 40), (70, 72, 56), (33, 100, 17)])
 def test_linear(dtype, M, K, N):
     a, w = randn(M, K, dtype=dtype), randn(K, N, dtype=dtype, scale=0.2)
-    assert rel_err(ops.linear(a, w, "silu"), torch.nn.functional.silu(a.float() @ w.float())) \
-        < TOL[dtype]
-    assert rel_err(ops.linear(a, w, "none"), a.float() @ w.float()) < TOL[dtype]
+    c, pre = ops.linear(a, w, "silu", True)
+    assert rel_err(c, torch.nn.functional.silu(a.float() @ w.float())) < TOL[dtype]
+    assert rel_err(pre, a.float() @ w.float()) < TOL[dtype]
+    assert rel_err(ops.linear(a, w, "none")[0], a.float() @ w.float()) < TOL[dtype]
+    wt = randn(N, K, dtype=dtype, scale=0.2).t()  # a transposed view works too
+    assert rel_err(ops.linear(a, wt, "none")[0], a.float() @ wt.float()) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -183,11 +189,12 @@ def test_combine(dtype, norm, shared, T, k):
     s = randn(T, N, dtype=dtype) if shared else None
     w = randn(N, dtype=dtype) if norm != "none" else None
     b = randn(N, dtype=dtype) if norm == "layernorm" else None
-    y, _, _ = ops.combine(y_pairs, s, k, norm, w, b, 1e-5)
+    y, _, _, z = ops.combine(y_pairs, s, k, norm, w, b, 1e-5, True)
     h = y_pairs.float().view(T, k, N).sum(1) + (s.float() if shared else 0)
-    assert y.shape == (T, N) and y.dtype == dtype
+    assert y.shape == (T, N) and y.dtype == dtype and z.shape == (T, N)
     if T:
         assert rel_err(y, reference.norm(h, norm, w, b, 1e-5)) < TOL[dtype]
+        assert rel_err(z, h) < TOL[dtype]
 
 
 def test_ops_reject_bad_arguments():
@@ -200,6 +207,8 @@ def test_ops_reject_bad_arguments():
         ops.route(u.double(), randn(16, 8).double(), 2)
     with pytest.raises(TypeError, match="dtype"):
         ops.linear(u, randn(16, 8, dtype=torch.float16), "none")
+    with pytest.raises(ValueError, match="b must be"):
+        ops.grouped_gemm(u, randn(3, 16, 8))
     with pytest.raises(ValueError, match="reduction"):
         ops.linear(u, randn(15, 8), "none")
     with pytest.raises(ValueError, match="activation"):
@@ -215,17 +224,17 @@ def test_fake_implementations_match_real_shapes():
     ids_real = real[1]
     perm_real = ops.permute(ids_real, real[3], 8)
     w1, w2 = randn(8, 16, 24), randn(8, 12, 10)
-    up_real = ops.expert_up(u, w1, perm_real[0], perm_real[2], 3, "swiglu")
+    up_real = ops.expert_up(u, w1, perm_real[0], perm_real[2], 3, "swiglu")[0]
     down_real = ops.expert_down(up_real, w2, perm_real[0], perm_real[2], real[2])
     comb_real = ops.combine(down_real, None, 3, "rmsnorm", None, None, 1e-6)
     with FakeTensorMode() as mode:
         fu, fwg = mode.from_tensor(u), mode.from_tensor(wg)
         fake = ops.route(fu, fwg, 3)
         perm = ops.permute(fake[1], fake[3], 8)
-        up = ops.expert_up(fu, mode.from_tensor(w1), perm[0], perm[2], 3, "swiglu")
+        up = ops.expert_up(fu, mode.from_tensor(w1), perm[0], perm[2], 3, "swiglu")[0]
         down = ops.expert_down(up, mode.from_tensor(w2), perm[0], perm[2], fake[2])
         comb = ops.combine(down, None, 3, "rmsnorm", None, None, 1e-6)
-        lin = ops.linear(fu, fwg, "silu")
+        lin = ops.linear(fu, fwg, "silu")[0]
         nrm = ops.norm(fu, None, None, "rmsnorm", 1e-6)
     pairs = [(fake, real), (perm, perm_real), ((up,), (up_real,)), ((down,), (down_real,)),
              (comb, comb_real), ((lin,), (torch.empty(37, 8),)), (nrm, ops.norm(u, None, None,
@@ -233,3 +242,93 @@ def test_fake_implementations_match_real_shapes():
     for fakes, reals in pairs:
         for f, r in zip(fakes, reals):
             assert f.shape == r.shape and f.dtype == r.dtype
+
+
+def routing_case(T, E, k, experts=None):
+    ids = distinct_ids(T, E, k, experts)
+    sorted_pair = torch.argsort(ids.reshape(-1).long(), stable=True).to(torch.int32)
+    offsets = torch.zeros(E + 1, dtype=torch.int32, device=DEVICE)
+    offsets[1:] = torch.cumsum(torch.bincount(ids.reshape(-1).long(), minlength=E), 0)
+    return ids, sorted_pair, offsets
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("T", [0, 1, 37])
+def test_norm_backward(dtype, kind, T):
+    N = 45
+    x = randn(T, N, dtype=dtype, scale=2.0)
+    w = randn(N, dtype=dtype)
+    b = randn(N, dtype=dtype) if kind == "layernorm" else None
+    dy = randn(T, N, dtype=dtype)
+    _, mean, rstd = ops.norm(x, w, b, kind, 1e-5)
+    dx, dw, db = ops.norm_bwd(dy, x, w, b, mean, rstd, kind)
+    leaves = [t.float().requires_grad_(True) for t in (x, w) + ((b,) if b is not None else ())]
+    ref = reference.norm(leaves[0], kind, leaves[1], leaves[2] if b is not None else None, 1e-5)
+    ref.backward(dy.float())
+    assert dx.shape == x.shape and dw.shape == w.shape
+    if T:
+        assert rel_err(dx, leaves[0].grad) < TOL[dtype]
+        assert rel_err(dw, leaves[1].grad) < TOL[dtype]
+        if b is not None:
+            assert rel_err(db, leaves[2].grad) < TOL[dtype]
+    else:
+        assert not dw.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "swiglu"])
+@pytest.mark.parametrize("T,E,k,experts", [(37, 8, 4, None), (1, 8, 4, None), (40, 8, 2, [2, 5]),
+                                           (29, 6, 3, None)])
+def test_routed_backward_ops(dtype, activation, T, E, k, experts):
+    """expert_dact, weight_grad (both experts' weights) and expert_dx against autograd of the
+    per-pair reference, including exact-zero gradients for experts with no rows."""
+    K, F, N = 40, 24, 33
+    ids, sorted_pair, offsets = routing_case(T, E, k, experts)
+    u = randn(T, K, dtype=dtype)
+    w1 = randn(E, K, 2 * F if activation == "swiglu" else F, dtype=dtype, scale=0.3)
+    w2 = randn(E, F, N, dtype=dtype, scale=0.3)
+    gates = torch.softmax(torch.randn(T, k, device=DEVICE), -1)
+    dz = randn(T, N, dtype=dtype)
+    sp = sorted_pair.long()
+    h, pre = ops.expert_up(u, w1, sorted_pair, offsets, k, activation, True)
+    dpre, dgates = ops.expert_dact(dz, w2, pre, sorted_pair, offsets, gates, k, activation)
+    dw2 = ops.weight_grad_op(pre, dz, offsets, sorted_pair, 0, k, gates.reshape(-1), activation)
+    dw1 = ops.weight_grad_op(u, dpre, offsets, sorted_pair, k, 0, None, "none")
+    du_pairs = ops.expert_dx(dpre, w1, sorted_pair, offsets)
+
+    leaves = [t.float().requires_grad_(True) for t in (u, w1, w2, gates)]
+    lu, lw1, lw2, lg = leaves
+    flat = ids.reshape(-1).long()
+    z = torch.einsum("pk,pkf->pf", lu[torch.arange(T * k, device=DEVICE) // k], lw1[flat])
+    if activation == "swiglu":
+        g, up = z.chunk(2, -1)
+        hh = torch.nn.functional.silu(g) * up
+    else:
+        hh = torch.nn.functional.silu(z)
+    y_pairs = torch.einsum("pf,pfn->pn", hh, lw2[flat]) * lg.reshape(-1, 1)
+    (y_pairs.view(T, k, N).sum(1) * dz.float()).sum().backward()
+    assert rel_err(dgates, lg.grad) < TOL[dtype]
+    assert rel_err(dw2, lw2.grad) < TOL[dtype] and rel_err(dw1, lw1.grad) < TOL[dtype]
+    assert rel_err(du_pairs.float().view(T, k, K).sum(1), lu.grad) < TOL[dtype]
+    used = set(flat.tolist())
+    for e in range(E):
+        if e not in used:
+            assert not dw1[e].any() and not dw2[e].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_backward_ops(dtype):
+    M, K, S, N = 45, 40, 56, 24
+    a, w1, w2 = randn(M, K, dtype=dtype), randn(K, S, dtype=dtype, scale=0.3), randn(
+        S, N, dtype=dtype, scale=0.3)
+    dc = randn(M, N, dtype=dtype)
+    hs, pre = ops.linear(a, w1, "silu", True)
+    dpre = ops.linear_dact(dc, w2, pre, "silu")
+    dw2 = ops.weight_grad_op(pre, dc, None, None, 0, 0, None, "silu")
+    dw1 = ops.weight_grad_op(a, dpre, None, None, 0, 0, None, "none")
+    da = ops.linear(dpre, w1.t(), "none")[0]
+    la, l1, l2 = (t.float().requires_grad_(True) for t in (a, w1, w2))
+    (reference.mlp(la, l1, l2) * dc.float()).sum().backward()
+    for got, want in ((dw1, l1.grad), (dw2, l2.grad), (da, la.grad)):
+        assert rel_err(got, want) < TOL[dtype]

@@ -193,7 +193,7 @@ def _check_gemm(op, a, b, offsets, activation, pair_ids, needs_pairs):
     check(isinstance(b, torch.Tensor) and b.dim() == (3 if grouped else 2), op,
           f"b must be a {3 if grouped else 2}-dim tensor")
     check(b.dtype == a.dtype and b.device == a.device, op,
-          f"b ({b.dtype}, {b.device}) must match a ({a.dtype}, {a.device})", TypeError)
+          f"b (dtype {b.dtype}, {b.device}) must match a (dtype {a.dtype}, {a.device})", TypeError)
     check(activation in ACTIVATIONS, op, f"activation must be one of {list(ACTIVATIONS)}")
     check(b.shape[-2] == a.shape[1], op, f"b's reduction dim is {b.shape[-2]}, a has "
           f"K={a.shape[1]}")

@@ -1,0 +1,182 @@
+"""Gradients of MoEAdapter(backend="triton") against the torch backend's autograd.
+
+Without a GPU this runs under TRITON_INTERPRET=1 (fp32 and fp16, small odd shapes).
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from moe_adapter_kernels import MoEAdapter  # noqa: E402
+
+from helpers import force_routing, rel_err, small_config  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+
+CONFIGS = {
+    "paper-shape": dict(),
+    "swiglu-rms": dict(expert_activation="swiglu", norm="rmsnorm"),
+    "post-swiglu": dict(topology="post", expert_activation="swiglu"),
+    "post-none": dict(topology="post", norm="none"),
+    "no-shared-k3": dict(shared_dim=0, top_k=3),
+    "k1": dict(top_k=1),
+    "k=E": dict(num_experts=4, top_k=4),
+    "softmax-aux": dict(aux_loss_variant="softmax", aux_loss_coef=0.5),
+}
+
+
+def make_pair(cfg, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    ref = MoEAdapter(cfg, backend="torch")
+    with torch.no_grad():  # non-trivial norm affine parameters
+        for p in ref.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    ref = ref.to(DEVICE, dtype)
+    tri = MoEAdapter(cfg, backend="triton").to(DEVICE, dtype)
+    tri.load_state_dict(ref.state_dict())
+    return ref, tri
+
+
+def run(model, x, dy, x_grad=True):
+    xi = x.clone().requires_grad_(x_grad)
+    y = model(xi)
+    ((y.float() * dy).sum() + model.aux_loss).backward()
+    return y, xi.grad, {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_grads_match(ref, tri, x, dy, tol, x_grad=True):
+    y_r, dx_r, g_r = run(ref, x, dy, x_grad)
+    y_t, dx_t, g_t = run(tri, x, dy, x_grad)
+    assert rel_err(y_t, y_r) < tol
+    if x_grad:
+        assert dx_t.dtype == x.dtype and rel_err(dx_t, dx_r) < tol
+    for name in g_r:
+        if g_r[name] is None:
+            assert g_t[name] is None, name
+            continue
+        assert g_t[name].dtype == g_r[name].dtype, name
+        assert rel_err(g_t[name], g_r[name]) < tol, name
+    return g_t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_gradients_match_reference(name, dtype):
+    cfg = small_config(**CONFIGS[name])
+    ref, tri = make_pair(cfg, dtype)
+    x = torch.randn(61, cfg.d_in, device=DEVICE, dtype=dtype)
+    dy = torch.randn(61, cfg.d_out, device=DEVICE)
+    assert_grads_match(ref, tri, x, dy, TOL[dtype])
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_gradients_tiny_batches(T):
+    cfg = small_config()
+    ref, tri = make_pair(cfg)
+    assert_grads_match(ref, tri, torch.randn(T, cfg.d_in, device=DEVICE),
+                       torch.randn(T, cfg.d_out, device=DEVICE), TOL[torch.float32])
+
+
+def test_empty_batch_backward():
+    _, tri = make_pair(small_config())
+    x = torch.randn(0, 72, device=DEVICE, requires_grad=True)
+    y = tri(x)
+    (y.sum() + tri.aux_loss).backward()
+    assert x.grad.shape == (0, 72)
+    assert all(p.grad is not None and not p.grad.any() for p in tri.parameters())
+
+
+@pytest.mark.parametrize("live", [[3], [0, 1, 6]])
+def test_empty_experts_get_exact_zero_gradients(live):
+    cfg = small_config(top_k=len(live))
+    ref, tri = make_pair(cfg)
+    force_routing(ref, live)
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(40, cfg.d_in, device=DEVICE)
+    grads = assert_grads_match(ref, tri, x, torch.randn(40, cfg.d_out, device=DEVICE),
+                               TOL[torch.float32])
+    for e in range(cfg.num_experts):
+        zero = not grads["w1"][e].any() and not grads["w2"][e].any()
+        assert zero == (e not in live), e
+
+
+def test_backward_is_bitwise_deterministic():
+    cfg = small_config()
+    _, tri = make_pair(cfg)
+    x = torch.randn(57, cfg.d_in, device=DEVICE)
+    dy = torch.randn(57, cfg.d_out, device=DEVICE)
+    first = run(tri, x, dy)
+    tri.zero_grad(set_to_none=True)
+    second = run(tri, x, dy)
+    assert torch.equal(first[1], second[1])
+    assert all(torch.equal(first[2][n], second[2][n]) for n in first[2])
+
+
+def test_input_without_grad_and_frozen_weights():
+    cfg = small_config()
+    ref, tri = make_pair(cfg)
+    for m in (ref, tri):
+        m.w1.requires_grad_(False)
+        m.norm_in.weight.requires_grad_(False)
+    x = torch.randn(30, cfg.d_in, device=DEVICE)
+    grads = assert_grads_match(ref, tri, x, torch.randn(30, cfg.d_out, device=DEVICE),
+                               TOL[torch.float32], x_grad=False)
+    assert grads["w1"] is None and grads["norm_in.weight"] is None
+    assert grads["w2"] is not None and grads["w_gate"] is not None
+
+
+def test_gradient_accumulation_over_micro_batches():
+    cfg = small_config()
+    _, tri = make_pair(cfg)
+    xs = [torch.randn(n, cfg.d_in, device=DEVICE) for n in (19, 26)]
+    dys = [torch.randn(x.shape[0], cfg.d_out, device=DEVICE) for x in xs]
+    separate = []
+    for x, dy in zip(xs, dys):
+        tri.zero_grad(set_to_none=True)
+        separate.append(run(tri, x, dy)[2])
+    tri.zero_grad(set_to_none=True)
+    for x, dy in zip(xs, dys):
+        run(tri, x, dy)
+    for name, p in tri.named_parameters():
+        assert torch.allclose(p.grad, separate[0][name] + separate[1][name], rtol=1e-5,
+                              atol=1e-7), name
+
+
+def test_autocast_matches_the_reference_under_autocast():
+    cfg = small_config()
+    ref, tri = make_pair(cfg)
+    with torch.no_grad():
+        ref.w_gate.mul_(20)  # well-separated logits: no routing flips from bf16 rounding
+    tri.load_state_dict(ref.state_dict())
+    x = torch.randn(33, cfg.d_in, device=DEVICE)
+    dy = torch.randn(33, cfg.d_out, device=DEVICE)
+    out = []
+    for m in (ref, tri):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            y = m(xi)
+            loss = (y.float() * dy).sum() + m.aux_loss
+        loss.backward()
+        out.append((y, xi.grad, m.w1.grad, m.shared_w2.grad))
+    assert out[1][0].dtype == torch.bfloat16 and out[1][2].dtype == torch.float32
+    for a, b in zip(out[1], out[0]):
+        assert rel_err(a, b) < 3e-2
+
+
+@pytest.mark.filterwarnings("ignore:Input #")
+def test_gradcheck_tiny():
+    cfg = small_config(d_in=8, d_out=6, num_experts=4, top_k=2, expert_dim=5, shared_dim=7)
+    _, tri = make_pair(cfg)
+    names = [n for n, _ in tri.named_parameters()]
+    x = torch.randn(5, 8, device=DEVICE, requires_grad=True)
+
+    def f(x, *params):
+        out = torch.func.functional_call(tri, dict(zip(names, params)), (x,))
+        return out, tri.aux_loss
+
+    params = tuple(p.detach().clone().requires_grad_(True) for p in tri.parameters())
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-3, atol=2e-3, rtol=2e-2,
+                                    nondet_tol=0.0, fast_mode=True)
