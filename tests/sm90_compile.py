@@ -1,0 +1,114 @@
+"""Compile every Triton kernel variant the launchers use to an sm_90 (Hopper) cubin, with no
+GPU: launches are recorded instead of run, then compiled ahead of time. Run as a script in a
+process without TRITON_INTERPRET (tests/test_sm90_compile.py does); prints one line a variant.
+"""
+
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") != "1", "needs the real compiler, not the interpreter"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+         torch.int32: "i32", torch.int64: "i64"}
+RECORDED = {}
+HOPPER_SMEM = 227 * 1024  # the most shared memory one block may use on an H100 / H200
+
+
+def record(self, *args, grid, warmup, **kwargs):
+    opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    bound = self.signature.bind(*args, **kwargs)
+    sig, const = {}, {}
+    for p in self.params:
+        v = bound.arguments[p.name]
+        if p.is_constexpr or v is None:
+            sig[p.name], const[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = "*" + TYPES[v.dtype]
+        elif isinstance(v, bool):
+            sig[p.name] = "i1"
+        elif isinstance(v, int):
+            sig[p.name] = "i64" if abs(v) >= 2**31 else "i32"
+        else:
+            sig[p.name] = "fp32"
+    key = (self.fn.__name__, tuple(sorted(sig.items())), tuple(sorted(
+        (k, str(v)) for k, v in const.items())), tuple(sorted(opts.items())))
+    RECORDED[key] = (self, sig, const, opts)
+
+
+def exercise(dtype):
+    """Call every launcher with small valid inputs (CPU tensors; nothing runs)."""
+    import importlib
+    combine, grouped_gemm, norm, permute, router, weight_grad = (
+        importlib.import_module(f"moe_adapter_kernels.ops.{m}") for m in
+        ("combine", "grouped_gemm", "norm", "permute", "router", "weight_grad"))
+    T, d, E, k, F, D = 70, 72, 8, 4, 24, 40
+    x = torch.randn(T, d).to(dtype)
+    for kind in ("layernorm", "rmsnorm"):
+        w, b = torch.ones(d, dtype=dtype), torch.zeros(d, dtype=dtype)
+        norm.norm_forward(x, kind, w, b if kind == "layernorm" else None, 1e-5)
+        norm.norm_backward(x, x, kind, w, b if kind == "layernorm" else None,
+                           torch.zeros(T), torch.ones(T))
+    router.route_forward(x, torch.randn(d, E).to(dtype), k)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).int()
+    counts = torch.zeros(triton.cdiv(T, router.BLOCK_T), E, dtype=torch.int32)
+    permute.permute_forward(ids, counts, E)
+    sp = torch.argsort(ids.flatten(), stable=True).int()
+    off = torch.zeros(E + 1, dtype=torch.int32)
+    gates = torch.rand(T * k)
+    for act, width in (("silu", F), ("swiglu", 2 * F), ("none", F)):
+        w1 = torch.randn(E, d, width).to(dtype)
+        grouped_gemm.grouped_gemm(x, w1, offsets=off, pair_ids=sp, gather_div=k, activation=act,
+                                  save_preact=True)
+        grouped_gemm.grouped_gemm(x, w1, offsets=off, pair_ids=sp, gather_div=k, activation=act)
+        pre = torch.randn(T * k, width).to(dtype)
+        grouped_gemm.grouped_dact(x[:, :D].contiguous(), torch.randn(E, F, D).to(dtype), pre,
+                                  act, offsets=off, pair_ids=sp, gather_div=k, gate=gates)
+        weight_grad.weight_grad(pre, x, offsets=off, pair_ids=sp, b_gather_div=k, scale=gates,
+                                a_activation=act)
+    h = torch.randn(T * k, F).to(dtype)
+    grouped_gemm.grouped_gemm(h, torch.randn(E, F, D).to(dtype), offsets=off, pair_ids=sp,
+                              scatter=True, scale=gates)
+    grouped_gemm.grouped_gemm(h, torch.randn(E, d, F).to(dtype).transpose(1, 2), offsets=off,
+                              pair_ids=sp, scatter=True)
+    weight_grad.weight_grad(x, h, offsets=off, pair_ids=sp, a_gather_div=k)
+    ws = torch.randn(d, 56).to(dtype)
+    grouped_gemm.grouped_gemm(x, ws, activation="silu", save_preact=True)
+    grouped_gemm.grouped_gemm(torch.randn(T, 56).to(dtype), ws.t(), activation="none")
+    grouped_gemm.grouped_dact(torch.randn(T, 56).to(dtype), ws, x, "silu")
+    weight_grad.weight_grad(x, x, a_activation="silu")
+    for nk in ("layernorm", "rmsnorm", "none"):
+        w = torch.ones(D, dtype=dtype) if nk != "none" else None
+        for shared in (None, torch.randn(T, D).to(dtype)):
+            combine.combine_forward(h[:, :D] if D <= F else torch.randn(T * k, D).to(dtype), k,
+                                    shared, nk, w, None, 1e-5, True)
+
+
+def main() -> int:
+    JITFunction.run = record
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        exercise(dtype)
+    assert RECORDED, "no kernel launch was recorded"
+    target = GPUTarget("cuda", 90, 32)
+    failed = 0
+    for (name, _, const, _), (fn, sig, consts, opts) in sorted(RECORDED.items(),
+                                                              key=lambda kv: kv[0][0]):
+        try:
+            kernel = triton.compile(ASTSource(fn, sig, consts), target=target, options=opts)
+            smem = kernel.metadata.shared
+            assert smem <= HOPPER_SMEM, f"needs {smem} bytes of shared memory"
+            print(f"ok   {name} {dict(const)} shared={smem}")
+        except Exception as exc:  # report every failure, then fail
+            failed += 1
+            print(f"FAIL {name} {dict(const)}: {type(exc).__name__}: {str(exc)[:2000]}")
+    print(f"{len(RECORDED) - failed} of {len(RECORDED)} kernel variants compiled for sm_90")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
