@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 NORMS = ("layernorm", "rmsnorm", "none")
 TOPOLOGIES = ("shared", "post")
-ACTIVATIONS = ("silu", "swiglu")
+ACTIVATIONS = ("silu", "swiglu", "gelu", "identity")
+SHARED_ACTIVATIONS = ("silu", "gelu", "identity")
 AUX_VARIANTS = ("topk", "softmax")
 ROUTER_DTYPES = ("float32", "float64")
 
@@ -47,7 +48,10 @@ class MoEAdapterConfig:
     d_out`` and an always-on shared expert ``d_in -> shared_dim -> d_out`` (0 disables it).
     topology ``post``: ``y = N(A(N(sum_i G_i E_i(u))))``, experts ``d_in -> expert_dim -> d_in``
     and an aggregation MLP ``A: d_in -> shared_dim -> d_out`` after the routed sum.
-    ``expert_activation`` applies to routed experts; the shared/aggregation MLP is always SiLU.
+    ``expert_activation`` applies to routed experts, ``shared_activation`` to the shared /
+    aggregation MLP (SiLU in the paper; GELU and identity exist to mirror projectors being
+    upcycled). ``bias`` adds biases to every projection but the gate. ``input_norm`` /
+    ``output_norm`` switch the first / last norm off (``norm`` picks their kind).
     ``aux_loss_coef`` is the paper's lambda: the module's ``aux_loss`` is already scaled by it.
     """
 
@@ -59,7 +63,11 @@ class MoEAdapterConfig:
     shared_dim: int = 10240
     topology: str = "shared"
     expert_activation: str = "silu"
+    shared_activation: str = "silu"
+    bias: bool = False
     norm: str = "layernorm"
+    input_norm: bool = True
+    output_norm: bool = True
     norm_eps: float = 1e-5
     aux_loss_coef: float = 0.01
     aux_loss_variant: str = "topk"
@@ -73,6 +81,10 @@ class MoEAdapterConfig:
                  f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
         _check_choice(self, "topology", TOPOLOGIES)
         _check_choice(self, "expert_activation", ACTIVATIONS)
+        _check_choice(self, "shared_activation", SHARED_ACTIVATIONS)
+        for flag in ("bias", "input_norm", "output_norm"):
+            _require(isinstance(getattr(self, flag), bool), flag,
+                     f"must be True or False, got {getattr(self, flag)!r}")
         _check_choice(self, "norm", NORMS)
         _check_choice(self, "aux_loss_variant", AUX_VARIANTS)
         _check_choice(self, "router_dtype", ROUTER_DTYPES)
@@ -92,22 +104,29 @@ class MoEAdapterConfig:
         """Columns of one expert's up-projection (2x expert_dim for SwiGLU)."""
         return 2 * self.expert_dim if self.expert_activation == "swiglu" else self.expert_dim
 
+    def norm_at(self, position: str) -> str:
+        """The norm kind at ``in``, ``mid`` (post topology) or ``out``; ``none`` when off."""
+        on = {"in": self.input_norm, "mid": self.topology == "post", "out": self.output_norm}
+        return self.norm if on[position] else "none"
+
     def replace(self, **changes) -> "MoEAdapterConfig":
         return dataclasses.replace(self, **changes)
 
     # ---- parameter and FLOP counts ----------------------------------------------------------
-    def _norm_params(self, dim: int) -> int:
-        return {"layernorm": 2 * dim, "rmsnorm": dim, "none": 0}[self.norm]
-
     def _expert_params(self) -> int:
-        return self.d_in * self.expert_up + self.expert_dim * self.expert_out
+        biases = self.expert_up + self.expert_out if self.bias else 0
+        return self.d_in * self.expert_up + self.expert_dim * self.expert_out + biases
 
     def _shared_params(self) -> int:
-        return self.d_in * self.shared_dim + self.shared_dim * self.d_out if self.shared_dim else 0
+        if not self.shared_dim:
+            return 0
+        biases = self.shared_dim + self.d_out if self.bias else 0
+        return self.d_in * self.shared_dim + self.shared_dim * self.d_out + biases
 
     def _norms(self) -> int:
-        mid = self._norm_params(self.d_in) if self.topology == "post" else 0
-        return self._norm_params(self.d_in) + mid + self._norm_params(self.d_out)
+        n = {"layernorm": 2, "rmsnorm": 1, "none": 0}
+        return sum(n[self.norm_at(pos)] * dim for pos, dim in
+                   (("in", self.d_in), ("mid", self.d_in), ("out", self.d_out)))
 
     def total_parameters(self) -> int:
         """All parameters: gate, every routed expert, shared/aggregation MLP, norms."""
@@ -120,8 +139,11 @@ class MoEAdapterConfig:
                 + self._shared_params() + self._norms())
 
     def flops_per_token(self) -> int:
-        """Forward matmul FLOPs per token (2 per multiply-add; norms and activations excluded)."""
-        return 2 * (self.active_parameters() - self._norms())
+        """Forward matmul FLOPs per token (2 per multiply-add; norms, biases and activations
+        excluded)."""
+        e = self.d_in * self.expert_up + self.expert_dim * self.expert_out
+        s = self.d_in * self.shared_dim + self.shared_dim * self.d_out
+        return 2 * (self.d_in * self.num_experts + self.top_k * e + s)
 
     # ---- presets ----------------------------------------------------------------------------
     @classmethod

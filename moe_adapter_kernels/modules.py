@@ -78,16 +78,22 @@ class MoEAdapter(nn.Module):
         self.backend = backends.check_backend(backend)
         self.backend_used: str | None = None
         E, d, F = cfg.num_experts, cfg.d_in, cfg.expert_dim
-        self.norm_in = Norm(d, cfg.norm, cfg.norm_eps)
+        self.norm_in = Norm(d, cfg.norm_at("in"), cfg.norm_eps)
         self.w_gate = _linear_init(d, E, fan_in=d)
         self.w1 = _linear_init(E, d, cfg.expert_up, fan_in=d)
         self.w2 = _linear_init(E, F, cfg.expert_out, fan_in=F)
+        if cfg.bias:
+            self.b1 = _linear_init(E, cfg.expert_up, fan_in=d)
+            self.b2 = _linear_init(E, cfg.expert_out, fan_in=F)
         if cfg.shared_dim:
             self.shared_w1 = _linear_init(d, cfg.shared_dim, fan_in=d)
             self.shared_w2 = _linear_init(cfg.shared_dim, cfg.d_out, fan_in=cfg.shared_dim)
+            if cfg.bias:
+                self.shared_b1 = _linear_init(cfg.shared_dim, fan_in=d)
+                self.shared_b2 = _linear_init(cfg.d_out, fan_in=cfg.shared_dim)
         if cfg.topology == "post":
-            self.norm_mid = Norm(d, cfg.norm, cfg.norm_eps)
-        self.norm_out = Norm(cfg.d_out, cfg.norm, cfg.norm_eps)
+            self.norm_mid = Norm(d, cfg.norm_at("mid"), cfg.norm_eps)
+        self.norm_out = Norm(cfg.d_out, cfg.norm_at("out"), cfg.norm_eps)
         self.aux_loss: torch.Tensor | None = None
         self._routing: reference.Routing | None = None
         self._l_aux: torch.Tensor | None = None
@@ -101,7 +107,8 @@ class MoEAdapter(nn.Module):
     def parameter_counts(self) -> dict:
         """Total and per-token active parameters, counted on this module's tensors."""
         total = sum(p.numel() for p in self.parameters())
-        per_expert = (self.w1.numel() + self.w2.numel()) // self.config.num_experts
+        routed = [self.w1, self.w2] + ([self.b1, self.b2] if self.config.bias else [])
+        per_expert = sum(p.numel() for p in routed) // self.config.num_experts
         inactive = (self.config.num_experts - self.config.top_k) * per_expert
         return {"total": total, "active": total - inactive}
 

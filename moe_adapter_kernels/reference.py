@@ -34,15 +34,24 @@ def norm(x: torch.Tensor, kind: str, weight, bias, eps: float) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-def mlp(u: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, activation: str = "silu"):
-    """W2 act(W1 u). SwiGLU: w1 holds [gate | up] and act(z) = SiLU(gate) * up."""
-    z = u @ w1
-    if activation == "swiglu":
+def activation(z: torch.Tensor, kind: str) -> torch.Tensor:
+    """SiLU, exact (erf) GELU, identity, or SwiGLU on z = [gate | up]: SiLU(gate) * up."""
+    if kind == "swiglu":
         gate, up = z.chunk(2, dim=-1)
-        h = F.silu(gate) * up
-    else:
-        h = F.silu(z)
-    return h @ w2
+        return F.silu(gate) * up
+    if kind == "gelu":
+        return F.gelu(z)
+    return F.silu(z) if kind == "silu" else z
+
+
+def mlp(u: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: str = "silu", b1=None,
+        b2=None):
+    """W2 act(W1 u + b1) + b2 (biases optional). SwiGLU: w1 holds [gate | up]."""
+    z = u @ w1
+    if b1 is not None:
+        z = z + b1
+    y = activation(z, act) @ w2
+    return y if b2 is None else y + b2
 
 
 class Routing(NamedTuple):
@@ -68,7 +77,7 @@ def route(u: torch.Tensor, w_gate: torch.Tensor, k: int, router_dtype=torch.floa
 
 
 def routed_experts(u: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torch.Tensor,
-                   activation: str) -> torch.Tensor:
+                   act: str, b1=None, b2=None) -> torch.Tensor:
     """Eq. 4: h = sum_{i in I} G_i E_i(u), summed in fp32.
 
     The (token, slot) pairs are sorted by expert (stable), each expert runs once on its rows,
@@ -84,7 +93,8 @@ def routed_experts(u: torch.Tensor, routing: Routing, w1: torch.Tensor, w2: torc
     start = 0
     for e in range(E):
         end = start + counts[e]
-        out[order[start:end]] = mlp(rows[start:end], w1[e], w2[e], activation)
+        out[order[start:end]] = mlp(rows[start:end], w1[e], w2[e], act,
+                                    None if b1 is None else b1[e], None if b2 is None else b2[e])
         start = end
     out = out.view(T, k, w2.shape[-1]).float() * routing.topk_weights.unsqueeze(-1).float()
     return out.sum(dim=1)
@@ -135,18 +145,23 @@ def moe_adapter(x: torch.Tensor, p: dict, cfg: MoEAdapterConfig):
     Returns (y [T, d_out], routing, unscaled L_aux).
     """
     def N(t, name):
-        return norm(t, cfg.norm, p.get(name + ".weight"), p.get(name + ".bias"), cfg.norm_eps)
+        return norm(t, cfg.norm_at(name), p.get(f"norm_{name}.weight"),
+                    p.get(f"norm_{name}.bias"), cfg.norm_eps)
 
-    u = N(x, "norm_in")
+    def shared(t):
+        return mlp(t, p["shared_w1"], p["shared_w2"], cfg.shared_activation, p.get("shared_b1"),
+                   p.get("shared_b2"))
+
+    u = N(x, "in")
     routing = route(u, p["w_gate"], cfg.top_k, getattr(torch, cfg.router_dtype))
-    h = routed_experts(u, routing, p["w1"], p["w2"], cfg.expert_activation)
+    h = routed_experts(u, routing, p["w1"], p["w2"], cfg.expert_activation, p.get("b1"),
+                       p.get("b2"))
     if cfg.topology == "shared":
         if cfg.shared_dim:
-            h = h + mlp(u, p["shared_w1"], p["shared_w2"]).float()
-        y = N(h, "norm_out").to(x.dtype)
+            h = h + shared(u).float()
+        y = N(h, "out").to(x.dtype)
     else:
-        a = mlp(N(h, "norm_mid").to(x.dtype), p["shared_w1"], p["shared_w2"])
-        y = N(a, "norm_out")
+        y = N(shared(N(h, "mid").to(x.dtype)), "out")
     return y, routing, aux_loss(routing, cfg.num_experts, cfg.aux_loss_variant)
 
 
@@ -163,26 +178,33 @@ def moe_adapter_per_token(x: torch.Tensor, p: dict, cfg: MoEAdapterConfig) -> to
     Shares no routing or permutation code with :func:`moe_adapter`; used by tests and
     ``moe-adapter check``. Returns y [T, d_out] in fp32.
     """
-    def N(t, name):
-        return norm(t, cfg.norm, p.get(name + ".weight"), p.get(name + ".bias"), cfg.norm_eps)
-
     f = {name: t.detach().double() for name, t in p.items()}
+
+    def N(t, name):
+        return norm(t, cfg.norm_at(name), f.get(f"norm_{name}.weight"),
+                    f.get(f"norm_{name}.bias"), cfg.norm_eps)
+
+    def shared(t):
+        return mlp(t, f["shared_w1"], f["shared_w2"], cfg.shared_activation, f.get("shared_b1"),
+                   f.get("shared_b2"))
+
     rows = []
     for xb in x.detach().double():
-        u = N(xb, "norm_in")
+        u = N(xb, "in")
         s = (u @ f["w_gate"]).tolist()
         chosen = sorted(range(cfg.num_experts), key=lambda e: (-s[e], e))[: cfg.top_k]
         z = [s[e] for e in chosen]
         gates = [math.exp(v - max(z)) for v in z]
         gates = [g / sum(gates) for g in gates]
-        h = sum(g * mlp(u, f["w1"][e], f["w2"][e], cfg.expert_activation)
+        h = sum(g * mlp(u, f["w1"][e], f["w2"][e], cfg.expert_activation,
+                        f["b1"][e] if "b1" in f else None, f["b2"][e] if "b2" in f else None)
                 for g, e in zip(gates, chosen))
         if cfg.topology == "shared":
             if cfg.shared_dim:
-                h = h + mlp(u, f["shared_w1"], f["shared_w2"])
-            rows.append(N(h, "norm_out"))
+                h = h + shared(u)
+            rows.append(N(h, "out"))
         else:
-            rows.append(N(mlp(N(h, "norm_mid"), f["shared_w1"], f["shared_w2"]), "norm_out"))
+            rows.append(N(shared(N(h, "mid")), "out"))
     if not rows:
         return x.new_zeros(0, cfg.d_out, dtype=torch.float32)
     return torch.stack(rows).float()

@@ -53,7 +53,10 @@ def test_presets_are_the_ablations():
     (dict(num_experts=True), "num_experts"),
     (dict(shared_dim=-1), "shared_dim"),
     (dict(topology="serial"), "topology"),
-    (dict(expert_activation="gelu"), "expert_activation"),
+    (dict(expert_activation="relu"), "expert_activation"),
+    (dict(shared_activation="swiglu"), "shared_activation"),
+    (dict(bias="yes"), "bias"),
+    (dict(input_norm=None), "input_norm"),
     (dict(norm="batchnorm"), "norm"),
     (dict(aux_loss_variant="switch"), "aux_loss_variant"),
     (dict(aux_loss_coef=-0.1), "aux_loss_coef"),
@@ -78,3 +81,16 @@ def test_invalid_dense_config_and_unknown_preset():
 def test_module_rejects_wrong_config_type():
     with pytest.raises(TypeError, match="MoEAdapterConfig"):
         MoEAdapter(DenseAdapterConfig())
+
+
+def test_bias_and_norm_flags_change_the_counts():
+    base = MoEAdapterConfig.paper()
+    biased = base.replace(bias=True)
+    per_expert = 1280 + 2048
+    assert biased.total_parameters() - base.total_parameters() == 8 * per_expert + 10240 + 2048
+    assert biased.active_parameters() - base.active_parameters() == 4 * per_expert + 10240 + 2048
+    assert biased.flops_per_token() == base.flops_per_token()
+    bare = base.replace(input_norm=False, output_norm=False)
+    assert base.total_parameters() - bare.total_parameters() == 2 * 2560 + 2 * 2048
+    assert MoEAdapter(biased, backend="torch").parameter_counts() == {
+        "total": biased.total_parameters(), "active": biased.active_parameters()}

@@ -19,6 +19,10 @@ CONFIGS = {
     "k1": dict(top_k=1),
     "k=E": dict(num_experts=4, top_k=4),
     "16c4": dict(num_experts=16, top_k=4),
+    "bias-gelu": dict(bias=True, expert_activation="gelu", shared_activation="gelu"),
+    "identity-no-norms": dict(expert_activation="identity", shared_activation="identity",
+                              input_norm=False, output_norm=False, bias=True),
+    "post-bias": dict(topology="post", bias=True, input_norm=False),
 }
 
 

@@ -24,6 +24,10 @@ CONFIGS = {
     "k1": dict(top_k=1),
     "k=E": dict(num_experts=4, top_k=4),
     "softmax-aux": dict(aux_loss_variant="softmax", aux_loss_coef=0.5),
+    "bias-gelu": dict(bias=True, expert_activation="gelu", shared_activation="gelu"),
+    "post-bias-identity": dict(topology="post", bias=True, expert_activation="swiglu",
+                               shared_activation="identity", output_norm=False),
+    "identity-no-in-norm": dict(expert_activation="identity", input_norm=False, bias=True),
 }
 
 

@@ -24,6 +24,9 @@ CONFIGS = {
     "k1": dict(top_k=1),
     "k=E": dict(num_experts=4, top_k=4),
     "16c4-odd": dict(num_experts=16, d_in=75, d_out=33, expert_dim=21),
+    "bias-gelu": dict(bias=True, expert_activation="gelu", shared_activation="gelu"),
+    "identity-no-in-norm": dict(expert_activation="identity", shared_activation="identity",
+                                input_norm=False, bias=True),
 }
 
 

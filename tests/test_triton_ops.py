@@ -127,12 +127,7 @@ def grouped_reference(a, b, ids, activation, weights=None):
     T, k = ids.shape
     rows = []
     for p, e in enumerate(ids.reshape(-1).tolist()):
-        r = a[p // k].float()[None] @ b[e].float()
-        if activation == "silu":
-            r = torch.nn.functional.silu(r)
-        elif activation == "swiglu":
-            g, up = r.chunk(2, dim=-1)
-            r = torch.nn.functional.silu(g) * up
+        r = reference.activation(a[p // k].float()[None] @ b[e].float(), activation)
         if weights is not None:
             r = r * weights.reshape(-1)[p].float()
         rows.append(r)
@@ -140,7 +135,7 @@ def grouped_reference(a, b, ids, activation, weights=None):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", ["none", "silu", "swiglu"])
+@pytest.mark.parametrize("activation", ["none", "silu", "swiglu", "gelu"])
 @pytest.mark.parametrize("T,E,k,experts", [(37, 8, 4, None), (1, 8, 4, None), (50, 8, 1, [2]),
                                            (29, 6, 3, [0, 1, 5]), (20, 4, 4, None)])
 def test_expert_up_and_down(dtype, activation, T, E, k, experts):
@@ -212,7 +207,7 @@ def test_ops_reject_bad_arguments():
     with pytest.raises(ValueError, match="reduction"):
         ops.linear(u, randn(15, 8), "none")
     with pytest.raises(ValueError, match="activation"):
-        ops.linear(u, randn(16, 8), "gelu")
+        ops.linear(u, randn(16, 8), "relu")
     with pytest.raises(ValueError, match="contiguous"):
         ops.norm(randn(8, 4).t(), None, None, "rmsnorm", 1e-5)
 
@@ -277,7 +272,7 @@ def test_norm_backward(dtype, kind, T):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("activation", ["silu", "swiglu"])
+@pytest.mark.parametrize("activation", ["silu", "swiglu", "gelu", "identity"])
 @pytest.mark.parametrize("T,E,k,experts", [(37, 8, 4, None), (1, 8, 4, None), (40, 8, 2, [2, 5]),
                                            (29, 6, 3, None)])
 def test_routed_backward_ops(dtype, activation, T, E, k, experts):
@@ -291,25 +286,28 @@ def test_routed_backward_ops(dtype, activation, T, E, k, experts):
     gates = torch.softmax(torch.randn(T, k, device=DEVICE), -1)
     dz = randn(T, N, dtype=dtype)
     sp = sorted_pair.long()
-    h, pre = ops.expert_up(u, w1, sorted_pair, offsets, k, activation, True)
+    b1 = randn(E, w1.shape[-1], dtype=dtype, scale=0.3)
+    b2 = randn(E, N, dtype=dtype, scale=0.3)
+    h, pre = ops.expert_up(u, w1, sorted_pair, offsets, k, activation, True, b1)
     dpre, dgates = ops.expert_dact(dz, w2, pre, sorted_pair, offsets, gates, k, activation)
-    dw2 = ops.weight_grad_op(pre, dz, offsets, sorted_pair, 0, k, gates.reshape(-1), activation)
-    dw1 = ops.weight_grad_op(u, dpre, offsets, sorted_pair, k, 0, None, "none")
+    dw2, db2 = ops.weight_grad_op(pre, dz, offsets, sorted_pair, 0, k, gates.reshape(-1),
+                                  activation, True)
+    dw1, db1 = ops.weight_grad_op(u, dpre, offsets, sorted_pair, k, 0, None, "none", True)
     du_pairs = ops.expert_dx(dpre, w1, sorted_pair, offsets)
 
-    leaves = [t.float().requires_grad_(True) for t in (u, w1, w2, gates)]
-    lu, lw1, lw2, lg = leaves
+    leaves = [t.float().requires_grad_(True) for t in (u, w1, w2, gates, b1, b2)]
+    lu, lw1, lw2, lg, lb1, lb2 = leaves
     flat = ids.reshape(-1).long()
     z = torch.einsum("pk,pkf->pf", lu[torch.arange(T * k, device=DEVICE) // k], lw1[flat])
-    if activation == "swiglu":
-        g, up = z.chunk(2, -1)
-        hh = torch.nn.functional.silu(g) * up
-    else:
-        hh = torch.nn.functional.silu(z)
-    y_pairs = torch.einsum("pf,pfn->pn", hh, lw2[flat]) * lg.reshape(-1, 1)
+    hh = reference.activation(z + lb1[flat], activation)
+    o = torch.einsum("pf,pfn->pn", hh, lw2[flat])
+    y_pairs = (o + lb2[flat]) * lg.reshape(-1, 1)
     (y_pairs.view(T, k, N).sum(1) * dz.float()).sum().backward()
-    assert rel_err(dgates, lg.grad) < TOL[dtype]
+    # the kernel's gate gradient covers h @ W2; the caller adds <dz, b2[e]> (autograd.py)
+    dg_h = ((o.view(T, k, N) * dz.float()[:, None]).sum(-1)).detach()
+    assert rel_err(dgates, dg_h) < TOL[dtype]
     assert rel_err(dw2, lw2.grad) < TOL[dtype] and rel_err(dw1, lw1.grad) < TOL[dtype]
+    assert rel_err(db1, lb1.grad) < TOL[dtype] and rel_err(db2, lb2.grad) < TOL[dtype]
     assert rel_err(du_pairs.float().view(T, k, K).sum(1), lu.grad) < TOL[dtype]
     used = set(flat.tolist())
     for e in range(E):
@@ -325,8 +323,8 @@ def test_linear_backward_ops(dtype):
     dc = randn(M, N, dtype=dtype)
     hs, pre = ops.linear(a, w1, "silu", True)
     dpre = ops.linear_dact(dc, w2, pre, "silu")
-    dw2 = ops.weight_grad_op(pre, dc, None, None, 0, 0, None, "silu")
-    dw1 = ops.weight_grad_op(a, dpre, None, None, 0, 0, None, "none")
+    dw2 = ops.weight_grad_op(pre, dc, None, None, 0, 0, None, "silu")[0]
+    dw1 = ops.weight_grad_op(a, dpre, None, None, 0, 0, None, "none")[0]
     da = ops.linear(dpre, w1.t(), "none")[0]
     la, l1, l2 = (t.float().requires_grad_(True) for t in (a, w1, w2))
     (reference.mlp(la, l1, l2) * dc.float()).sum().backward()

@@ -25,77 +25,99 @@ from .permute import permute
 from .router import route
 from .weight_grad import weight_grad_op
 
-PARAMS = ("w_gate", "w1", "w2", "shared_w1", "shared_w2", "norm_in.weight", "norm_in.bias",
-          "norm_mid.weight", "norm_mid.bias", "norm_out.weight", "norm_out.bias")
+PARAMS = ("w_gate", "w1", "b1", "w2", "b2", "shared_w1", "shared_b1", "shared_w2", "shared_b2",
+          "norm_in.weight", "norm_in.bias", "norm_mid.weight", "norm_mid.bias",
+          "norm_out.weight", "norm_out.bias")
 
 
-def _norm(x, w, b, cfg):
-    """(N(x), mean, rstd); identity with empty statistics for norm 'none'."""
-    if cfg.norm == "none":
+def _norm(x, prm, pos, cfg):
+    """(N(x), mean, rstd) for the norm at ``pos``; identity with empty statistics if off."""
+    kind = cfg.norm_at(pos)
+    if kind == "none":
         return x, x.new_empty(0), x.new_empty(0)
-    return norm(x, w, b, cfg.norm, cfg.norm_eps)
+    return norm(x, prm[f"norm_{pos}.weight"], prm[f"norm_{pos}.bias"], kind, cfg.norm_eps)
 
 
-def _norm_grad(dy, x, w, b, mean, rstd, cfg):
-    if cfg.norm == "none":
-        return dy, None, None
-    dx, dw, db = norm_bwd(dy, x, w, b, mean, rstd, cfg.norm)
-    return dx, (dw if w is not None else None), (db if b is not None else None)
+def _norm_grad(dy, x, prm, pos, mean, rstd, cfg, grads):
+    """dx of the norm at ``pos``; its weight and bias gradients go into ``grads``."""
+    kind = cfg.norm_at(pos)
+    if kind == "none":
+        return dy
+    w, b = prm[f"norm_{pos}.weight"], prm[f"norm_{pos}.bias"]
+    dx, dw, db = norm_bwd(dy, x, w, b, mean, rstd, kind)
+    grads[f"norm_{pos}.weight"] = dw
+    grads[f"norm_{pos}.bias"] = db if b is not None else None
+    return dx
+
+
+def _shared_mlp(a, prm, cfg, save):
+    """(S(a), pre-activation) of the shared / aggregation MLP."""
+    h, pre = linear(a, prm["shared_w1"], cfg.shared_activation, save, prm["shared_b1"])
+    return linear(h, prm["shared_w2"], "identity", False, prm["shared_b2"])[0], pre
 
 
 def fused_forward(cfg: MoEAdapterConfig, x, prm: dict, save: bool):
     """The forward pipeline on x [T, d_in]. Returns (y, logits, topk_weights, topk_ids, saved)
     where saved holds what the backward needs (empty when ``save`` is False)."""
     k = cfg.top_k
-    u, mean_in, rstd_in = _norm(x, prm["norm_in.weight"], prm["norm_in.bias"], cfg)
+    u, mean_in, rstd_in = _norm(x, prm, "in", cfg)
     logits, ids, gates, block_counts = route(u, prm["w_gate"], k)
     sorted_pair, _, offsets = permute(ids, block_counts, cfg.num_experts)
-    h, pre1 = expert_up(u, prm["w1"], sorted_pair, offsets, k, cfg.expert_activation, save)
-    y_pairs = expert_down(h, prm["w2"], sorted_pair, offsets, gates)
+    h, pre1 = expert_up(u, prm["w1"], sorted_pair, offsets, k, cfg.expert_activation, save,
+                        prm["b1"])
+    y_pairs = expert_down(h, prm["w2"], sorted_pair, offsets, gates, prm["b2"])
     del h
     saved = dict(mean_in=mean_in, rstd_in=rstd_in, ids=ids, gates=gates,
                  sorted_pair=sorted_pair, offsets=offsets, pre1=pre1)
+    out = cfg.norm_at("out")
     w_out, b_out = prm["norm_out.weight"], prm["norm_out.bias"]
     if cfg.topology == "shared":
-        shared, pre_s = None, None
-        if cfg.shared_dim:
-            hs, pre_s = linear(u, prm["shared_w1"], "silu", save)
-            shared = linear(hs, prm["shared_w2"], "none")[0]
-        y, mean_out, rstd_out, z = combine(y_pairs, shared, k, cfg.norm, w_out, b_out,
-                                           cfg.norm_eps, save)
+        shared, pre_s = (None, None) if not cfg.shared_dim else _shared_mlp(u, prm, cfg, save)
+        y, mean_out, rstd_out, z = combine(y_pairs, shared, k, out, w_out, b_out, cfg.norm_eps,
+                                           save)
     else:
-        hm, mean_mid, rstd_mid, zm = combine(y_pairs, None, k, cfg.norm, prm["norm_mid.weight"],
-                                             prm["norm_mid.bias"], cfg.norm_eps, save)
-        ha, pre_s = linear(hm, prm["shared_w1"], "silu", save)
-        z = linear(ha, prm["shared_w2"], "none")[0]
-        y, mean_out, rstd_out = _norm(z, w_out, b_out, cfg)
+        hm, mean_mid, rstd_mid, zm = combine(y_pairs, None, k, cfg.norm_at("mid"),
+                                             prm["norm_mid.weight"], prm["norm_mid.bias"],
+                                             cfg.norm_eps, save)
+        z, pre_s = _shared_mlp(hm, prm, cfg, save)
+        y, mean_out, rstd_out = _norm(z, prm, "out", cfg)
         saved.update(zm=zm, mean_mid=mean_mid, rstd_mid=rstd_mid)
     saved.update(pre_s=pre_s, z=z, mean_out=mean_out, rstd_out=rstd_out)
     return y, logits, gates, ids, (saved if save else {})
 
 
-def _routed_backward(cfg, dz, u, prm, s, dgates_in, need):
+def _routed_backward(cfg, dz, u, prm, s, needs, grads, need_u):
     """Gradients through the routed experts given dz, the gradient of their gate-weighted sum.
-    Returns (du [T, d] fp32 or None, dw1, dw2, dgates [T, k] fp32)."""
+    Fills the experts' entries of ``grads``; returns (du [T, d] fp32 or None, dgates)."""
     k, act = cfg.top_k, cfg.expert_activation
     sp, off, gates = s["sorted_pair"], s["offsets"], s["gates"]
     dpre1, dgates = expert_dact(dz, prm["w2"], s["pre1"], sp, off, gates, k, act)
-    dw2 = weight_grad_op(s["pre1"], dz, off, sp, 0, k, gates.reshape(-1), act) \
-        if need["w2"] else None
-    dw1 = weight_grad_op(u, dpre1, off, sp, k, 0, None, "none") if need["w1"] else None
+    if prm["b2"] is not None:  # each slot's output also carries its expert's b2
+        dgates = dgates + (dz.float() @ prm["b2"].float().t()).gather(1, s["ids"].long())
+    if needs["w2"] or needs["b2"]:
+        grads["w2"], grads["b2"] = weight_grad_op(s["pre1"], dz, off, sp, 0, k,
+                                                  gates.reshape(-1), act, cfg.bias)
+    if needs["w1"] or needs["b1"]:
+        grads["w1"], grads["b1"] = weight_grad_op(u, dpre1, off, sp, k, 0, None, "identity",
+                                                  cfg.bias)
     du = None
-    if need["u"]:
-        du = expert_dx(dpre1, prm["w1"], sp, off).view(-1, k, u.shape[1]).sum(1, dtype=torch.float32)
-    return du, dw1, dw2, dgates + dgates_in
+    if need_u:
+        du = expert_dx(dpre1, prm["w1"], sp, off).view(-1, k, u.shape[1]).sum(
+            1, dtype=torch.float32)
+    return du, dgates
 
 
-def _mlp_backward(dc, a, pre, w1, w2, need1, need2, need_a):
-    """Gradients of c = SiLU(a @ w1) @ w2 given dc, the input a and the saved a @ w1."""
-    dpre = linear_dact(dc, w2, pre, "silu")
-    dw2 = weight_grad_op(pre, dc, None, None, 0, 0, None, "silu") if need2 else None
-    dw1 = weight_grad_op(a, dpre, None, None, 0, 0, None, "none") if need1 else None
-    da = linear(dpre, w1.t(), "none")[0] if need_a else None
-    return da, dw1, dw2
+def _mlp_backward(dc, a, pre, prm, cfg, needs, grads, need_a):
+    """Gradients of the shared / aggregation MLP c = act(a @ W1 + b1) @ W2 + b2 given dc."""
+    act = cfg.shared_activation
+    dpre = linear_dact(dc, prm["shared_w2"], pre, act)
+    if needs["shared_w2"] or needs["shared_b2"]:
+        grads["shared_w2"], grads["shared_b2"] = weight_grad_op(pre, dc, None, None, 0, 0,
+                                                                None, act, cfg.bias)
+    if needs["shared_w1"] or needs["shared_b1"]:
+        grads["shared_w1"], grads["shared_b1"] = weight_grad_op(a, dpre, None, None, 0, 0,
+                                                                None, "identity", cfg.bias)
+    return linear(dpre, prm["shared_w1"].t(), "identity")[0] if need_a else None
 
 
 class MoEAdapterFunction(torch.autograd.Function):
@@ -122,30 +144,23 @@ class MoEAdapterFunction(torch.autograd.Function):
         needs = dict(zip(("x",) + PARAMS, ctx.needs_input_grad[1:]))
         need_u = needs["x"] or needs["norm_in.weight"] or needs["norm_in.bias"]
         grads = dict.fromkeys(PARAMS)
-        dy = dy.contiguous()
-        u = _norm(x, prm["norm_in.weight"], prm["norm_in.bias"], cfg)[0]
+        u = _norm(x, prm, "in", cfg)[0]
 
-        dz, grads["norm_out.weight"], grads["norm_out.bias"] = _norm_grad(
-            dy, s["z"], prm["norm_out.weight"], prm["norm_out.bias"], s["mean_out"],
-            s["rstd_out"], cfg)
+        dz = _norm_grad(dy.contiguous(), s["z"], prm, "out", s["mean_out"], s["rstd_out"], cfg,
+                        grads)
         du_shared = None
         if cfg.topology == "shared":
             dz_routed = dz
             if cfg.shared_dim:
-                du_shared, grads["shared_w1"], grads["shared_w2"] = _mlp_backward(
-                    dz, u, s["pre_s"], prm["shared_w1"], prm["shared_w2"],
-                    needs["shared_w1"], needs["shared_w2"], need_u)
+                du_shared = _mlp_backward(dz, u, s["pre_s"], prm, cfg, needs, grads, need_u)
         else:
-            hm = _norm(s["zm"], prm["norm_mid.weight"], prm["norm_mid.bias"], cfg)[0]
-            dhm, grads["shared_w1"], grads["shared_w2"] = _mlp_backward(
-                dz, hm, s["pre_s"], prm["shared_w1"], prm["shared_w2"], needs["shared_w1"],
-                needs["shared_w2"], True)
-            dz_routed, grads["norm_mid.weight"], grads["norm_mid.bias"] = _norm_grad(
-                dhm, s["zm"], prm["norm_mid.weight"], prm["norm_mid.bias"], s["mean_mid"],
-                s["rstd_mid"], cfg)
-        need = {"w1": needs["w1"], "w2": needs["w2"], "u": need_u}
-        du, grads["w1"], grads["w2"], dgates = _routed_backward(
-            cfg, dz_routed.contiguous(), u, prm, s, dgates_aux.float(), need)
+            hm = _norm(s["zm"], prm, "mid", cfg)[0]
+            dhm = _mlp_backward(dz, hm, s["pre_s"], prm, cfg, needs, grads, True)
+            dz_routed = _norm_grad(dhm, s["zm"], prm, "mid", s["mean_mid"], s["rstd_mid"], cfg,
+                                   grads)
+        du, dgates = _routed_backward(cfg, dz_routed.contiguous(), u, prm, s, needs, grads,
+                                      need_u)
+        dgates = dgates + dgates_aux.float()
 
         # softmax over the k kept logits, then scatter into the E logits (distinct per token)
         gates = s["gates"]
@@ -159,8 +174,5 @@ class MoEAdapterFunction(torch.autograd.Function):
             du = du + dlogits @ wg.float().t()
             if du_shared is not None:
                 du = du + du_shared.float()
-            dx, grads["norm_in.weight"], grads["norm_in.bias"] = _norm_grad(
-                du, x, prm["norm_in.weight"], prm["norm_in.bias"], s["mean_in"], s["rstd_in"],
-                cfg)
-            dx = dx.to(x.dtype)
+            dx = _norm_grad(du, x, prm, "in", s["mean_in"], s["rstd_in"], cfg, grads).to(x.dtype)
         return (None, dx, *(grads[n] if needs[n] else None for n in PARAMS))

@@ -15,7 +15,32 @@ import triton.language as tl
 
 from ._common import check, check_tensor, dot_in_fp32, interpreting
 
-ACTIVATIONS = {"none": 0, "silu": 1, "swiglu": 2}
+ACTIVATIONS = {"none": 0, "identity": 0, "silu": 1, "swiglu": 2, "gelu": 3}
+SQRT1_2 = tl.constexpr(0.7071067811865476)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    """The activation of a fp32 tile (SwiGLU is applied by the callers on two tiles)."""
+    if ACT == 1:
+        return z * tl.sigmoid(z)
+    elif ACT == 3:
+        return 0.5 * z * (1.0 + tl.erf(z * SQRT1_2))
+    else:
+        return z
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    """d act(z) / dz for SiLU (also the gate half of SwiGLU), GELU and identity."""
+    if ACT == 3:
+        return 0.5 * (1.0 + tl.erf(z * SQRT1_2)) + z * INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif ACT == 0:
+        return z * 0.0 + 1.0
+    else:
+        sig = tl.sigmoid(z)
+        return sig * (1.0 + z * (1.0 - sig))
 
 
 @triton.jit
@@ -84,13 +109,15 @@ def _mainloop(A, B, a_row, m_ok, group, rn, n_ok, K, stride_am, stride_ak, strid
 
 @triton.jit
 def _grouped_gemm_kernel(
-        A, B, C, Preact, PairIds, Scale, Offsets, M, N, K,
+        A, B, C, Preact, Bias, PairIds, Scale, Offsets, M, N, K,
         stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_cm, stride_cn, stride_pm,
-        NUM_GROUPS: tl.constexpr, GATHER_DIV: tl.constexpr, SCATTER: tl.constexpr,
+        stride_biasg, NUM_GROUPS: tl.constexpr, GATHER_DIV: tl.constexpr, SCATTER: tl.constexpr,
         HAS_SCALE: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
         DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr):
-    """Forward: C = act(A[rows] @ B[g]) * scale; optionally also the pre-activation."""
+    """Forward: C = act(A[rows] @ B[g] + bias[g]) * scale; optionally also the
+    pre-activation."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     group, rm, m_ok = _tile_rows(pid_m, Offsets, M, NUM_GROUPS, BLOCK_M)
@@ -108,15 +135,20 @@ def _grouped_gemm_kernel(
                             stride_bg, stride_bk, stride_bn, N, ACT == 2, DOT_FP32,
                             BLOCK_M, BLOCK_N, BLOCK_K)
     mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_BIAS:
+        b_ptr = Bias + group.to(tl.int64) * stride_biasg + rn
+        acc += tl.load(b_ptr, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if ACT == 2:
+            acc_up += tl.load(b_ptr + N, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if STORE_PREACT:  # sorted rows; SwiGLU keeps [gate | up]
         p_ptr = Preact + rm.to(tl.int64)[:, None] * stride_pm + rn[None, :]
         tl.store(p_ptr, acc.to(Preact.dtype.element_ty), mask=mask)
         if ACT == 2:
             tl.store(p_ptr + N, acc_up.to(Preact.dtype.element_ty), mask=mask)
-    if ACT == 1:
-        acc = acc * tl.sigmoid(acc)
     if ACT == 2:
         acc = acc * tl.sigmoid(acc) * acc_up
+    else:
+        acc = _act(acc, ACT)
     if HAS_SCALE:
         acc = acc * tl.load(Scale + pair, mask=m_ok, other=0.0).to(tl.float32)[:, None]
     if SCATTER:
@@ -156,25 +188,19 @@ def _grouped_dact_kernel(
     p_ptr = Preact + rm.to(tl.int64)[:, None] * stride_pm + rn[None, :]
     d_ptr = DPreact + rm.to(tl.int64)[:, None] * stride_pm + rn[None, :]
     z = tl.load(p_ptr, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(z)
     if ACT == 2:
         up = tl.load(p_ptr + N, mask=mask, other=0.0).to(tl.float32)
-        h = z * sig * up
-    elif ACT == 1:
-        h = z * sig
+        h = z * tl.sigmoid(z) * up
     else:
-        h = z
+        h = _act(z, ACT)
     if HAS_GATE:
         tl.store(DGate + pair * stride_dg + pid_n, tl.sum(dh * h, 1), mask=m_ok)
         dh = dh * tl.load(Gate + pair, mask=m_ok, other=0.0).to(tl.float32)[:, None]
-    dsilu = sig * (1.0 + z * (1.0 - sig))
     if ACT == 2:
-        tl.store(d_ptr, (dh * up * dsilu).to(DPreact.dtype.element_ty), mask=mask)
-        tl.store(d_ptr + N, (dh * z * sig).to(DPreact.dtype.element_ty), mask=mask)
-    elif ACT == 1:
-        tl.store(d_ptr, (dh * dsilu).to(DPreact.dtype.element_ty), mask=mask)
+        tl.store(d_ptr, (dh * up * _act_grad(z, 1)).to(DPreact.dtype.element_ty), mask=mask)
+        tl.store(d_ptr + N, (dh * z * tl.sigmoid(z)).to(DPreact.dtype.element_ty), mask=mask)
     else:
-        tl.store(d_ptr, dh.to(DPreact.dtype.element_ty), mask=mask)
+        tl.store(d_ptr, (dh * _act_grad(z, ACT)).to(DPreact.dtype.element_ty), mask=mask)
 
 
 def default_config(dtype: torch.dtype) -> dict:
@@ -209,7 +235,7 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, *, offsets: torch.Tensor | No
                  pair_ids: torch.Tensor | None = None, gather_div: int = 0,
                  scatter: bool = False, scale: torch.Tensor | None = None,
                  activation: str = "none", save_preact: bool = False,
-                 config: dict | None = None):
+                 bias: torch.Tensor | None = None, config: dict | None = None):
     """C[rows] = act(A[rows] @ B[group]) (* scale[pair]) for every group's rows.
 
     a: [Ma, K]. b: [G, K, Nb] (any strides) with offsets [G+1] int32 (grouped), or [K, Nb]
@@ -217,8 +243,9 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, *, offsets: torch.Tensor | No
     N = Nb, or Nb / 2 for ``swiglu`` (b holds [gate | up]).
     pair_ids [M] int32: the pair id at each sorted row; ``gather_div`` > 0 reads A row
     pair // gather_div; ``scatter`` writes C row pair instead of the sorted row; ``scale`` [P]
-    multiplies each row by scale[pair]. ``save_preact`` also returns the pre-activation
-    [M, Nb] in sorted rows (for the backward): (C, preact).
+    multiplies each row by scale[pair]. ``bias`` [G, Nb] or [Nb] is added before the
+    activation. ``save_preact`` also returns the pre-activation [M, Nb] in sorted rows (for the
+    backward): (C, preact).
     """
     op = "grouped_gemm"
     needs_pairs = gather_div > 0 or scatter or scale is not None
@@ -227,16 +254,21 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, *, offsets: torch.Tensor | No
     M = pair_ids.shape[0] if groups else a.shape[0]
     out = torch.empty(M, n_out, device=a.device, dtype=a.dtype)
     preact = torch.empty(M, b.shape[-1], device=a.device, dtype=a.dtype) if save_preact else None
+    if bias is not None:
+        check(bias.shape[-1] == b.shape[-1] and bias.dim() == (2 if groups else 1) and
+              bias.stride(-1) == 1, op, f"bias must be [{'G, ' if groups else ''}"
+              f"{b.shape[-1]}] and contiguous, got {tuple(bias.shape)}")
     cfg = dict(config or default_config(a.dtype))
     if M and n_out:
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) + groups, triton.cdiv(n_out, cfg["BLOCK_N"]))
         _grouped_gemm_kernel[grid](
-            a, b, out, preact, pair_ids, scale, offsets, M, n_out, a.shape[1],
+            a, b, out, preact, bias, pair_ids, scale, offsets, M, n_out, a.shape[1],
             a.stride(0), a.stride(1), bs[0], bs[1], bs[2], out.stride(0), out.stride(1),
             0 if preact is None else preact.stride(0),
+            0 if bias is None or not groups else bias.stride(0),
             NUM_GROUPS=groups, GATHER_DIV=gather_div, SCATTER=scatter,
             HAS_SCALE=scale is not None, ACT=ACTIVATIONS[activation], STORE_PREACT=save_preact,
-            DOT_FP32=dot_in_fp32(a.dtype), **cfg)
+            HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(a.dtype), **cfg)
     return (out, preact) if save_preact else out
 
 
@@ -280,18 +312,19 @@ def grouped_dact(dc: torch.Tensor, w: torch.Tensor, preact: torch.Tensor, activa
 @torch.library.custom_op("moe_adapter::expert_up", mutates_args=())
 def expert_up(u: torch.Tensor, w1: torch.Tensor, sorted_pair: torch.Tensor,
               expert_offsets: torch.Tensor, top_k: int, activation: str,
-              save_preact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              save_preact: bool = False, b1: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed up-projection. u [T, d] (gathered by token = pair // k inside the GEMM), w1
-    [E, d, F'] -> (h [T*k, F], preact) in expert-sorted order, the activation (``silu``,
-    ``swiglu`` or ``none``) applied in the epilogue. preact [T*k, F'] is the pre-activation
-    when ``save_preact``, else empty."""
+    [E, d, F'], optional bias b1 [E, F'] -> (h [T*k, F], preact) in expert-sorted order, the
+    activation (``silu``, ``swiglu``, ``gelu`` or ``identity``) applied in the epilogue.
+    preact [T*k, F'] is the pre-activation when ``save_preact``, else empty."""
     out = grouped_gemm(u, w1, offsets=expert_offsets, pair_ids=sorted_pair, gather_div=top_k,
-                       activation=activation, save_preact=save_preact)
+                       activation=activation, save_preact=save_preact, bias=b1)
     return out if save_preact else (out, u.new_empty(0))
 
 
 @expert_up.register_fake
-def _(u, w1, sorted_pair, expert_offsets, top_k, activation, save_preact=False):
+def _(u, w1, sorted_pair, expert_offsets, top_k, activation, save_preact=False, b1=None):
     n = w1.shape[-1] // 2 if activation == "swiglu" else w1.shape[-1]
     P = sorted_pair.shape[0]
     return u.new_empty(P, n), u.new_empty(P, w1.shape[-1]) if save_preact else u.new_empty(0)
@@ -299,30 +332,31 @@ def _(u, w1, sorted_pair, expert_offsets, top_k, activation, save_preact=False):
 
 @torch.library.custom_op("moe_adapter::expert_down", mutates_args=())
 def expert_down(h: torch.Tensor, w2: torch.Tensor, sorted_pair: torch.Tensor,
-                expert_offsets: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """Routed down-projection. h [T*k, F] (sorted), w2 [E, F, N] -> y_pairs [T*k, N] in pair
-    order (row t*k+j), each row already multiplied by its gate weight topk_weights[t, j]."""
+                expert_offsets: torch.Tensor, topk_weights: torch.Tensor,
+                b2: torch.Tensor | None = None) -> torch.Tensor:
+    """Routed down-projection. h [T*k, F] (sorted), w2 [E, F, N], optional bias b2 [E, N] ->
+    y_pairs [T*k, N] in pair order (row t*k+j), each row already multiplied by its gate
+    weight topk_weights[t, j]."""
     return grouped_gemm(h, w2, offsets=expert_offsets, pair_ids=sorted_pair, scatter=True,
-                        scale=topk_weights.reshape(-1))
+                        scale=topk_weights.reshape(-1), bias=b2)
 
 
 @expert_down.register_fake
-def _(h, w2, sorted_pair, expert_offsets, topk_weights):
+def _(h, w2, sorted_pair, expert_offsets, topk_weights, b2=None):
     return h.new_empty(h.shape[0], w2.shape[-1])
 
 
 @torch.library.custom_op("moe_adapter::linear", mutates_args=())
-def linear(a: torch.Tensor, w: torch.Tensor, activation: str, save_preact: bool = False
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense a [M, K] @ w [K, N] (w may be a transposed view) with the activation fused, for
-    the shared / aggregation MLP: (c [M, N'], preact [M, N] when ``save_preact``, else
-    empty)."""
-    out = grouped_gemm(a, w, activation=activation, save_preact=save_preact)
+def linear(a: torch.Tensor, w: torch.Tensor, activation: str, save_preact: bool = False,
+           bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense act(a [M, K] @ w [K, N] + bias [N]) (w may be a transposed view), for the shared
+    / aggregation MLP: (c [M, N'], preact [M, N] when ``save_preact``, else empty)."""
+    out = grouped_gemm(a, w, activation=activation, save_preact=save_preact, bias=bias)
     return out if save_preact else (out, a.new_empty(0))
 
 
 @linear.register_fake
-def _(a, w, activation, save_preact=False):
+def _(a, w, activation, save_preact=False, bias=None):
     n = w.shape[-1] // 2 if activation == "swiglu" else w.shape[-1]
     return a.new_empty(a.shape[0], n), (a.new_empty(a.shape[0], w.shape[-1]) if save_preact
                                         else a.new_empty(0))
