@@ -26,7 +26,7 @@ def qwen2_audio():
 def voxtral():
     return transformers.VoxtralForConditionalGeneration(transformers.VoxtralConfig(
         audio_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1,
-                          num_attention_heads=2, num_mel_bins=16, max_source_positions=30),
+                          num_attention_heads=2, num_mel_bins=16, max_source_positions=32),
         text_config=dict(model_type="llama", head_dim=24, **TEXT), audio_token_id=99))
 
 
@@ -47,16 +47,19 @@ def glm_asr():
 def moss():
     return transformers.MossTranscribeDiarizeForConditionalGeneration(
         transformers.MossTranscribeDiarizeConfig(
-            audio_config=WHISPER, text_config=dict(model_type="qwen3", head_dim=24, **TEXT)))
+            audio_config=dict(WHISPER, max_source_positions=32), audio_token_id=99,
+            text_config=dict(model_type="qwen3", head_dim=24, **TEXT)))
 
 
 def qwen2_5_omni_thinker():
     text = dict(TEXT, rope_parameters=dict(rope_type="default", mrope_section=[2, 4, 6],
                                            rope_theta=10000.0))
-    return transformers.Qwen2_5OmniThinkerForConditionalGeneration(
+    model = transformers.Qwen2_5OmniThinkerForConditionalGeneration(
         transformers.Qwen2_5OmniThinkerConfig(
             audio_config=dict(WHISPER, output_dim=48, n_window=10), vision_config=VISION,
             text_config=text, audio_token_index=99))
+    model.config.vision_start_token_id = 97  # read by generate's position ids
+    return model
 
 
 def qwen3_omni_thinker():
@@ -121,21 +124,34 @@ def test_random_swap_uses_the_scaled_paper_preset(name):
         hf.swap_adapter(model)
 
 
-def audio_batch():
-    feats = torch.randn(1, 16, 60)
-    ids = torch.tensor([[1, 2] + [99] * 15 + [3, 4]])
-    return dict(input_ids=ids, input_features=feats,
-                feature_attention_mask=torch.ones(1, 60, dtype=torch.long))
+# family -> (audio tokens, mel frames, name of the feature mask argument) for a full forward.
+# Qwen3-Omni's tiny audio encoder fails inside transformers' own windowing before reaching the
+# projector, so that family is covered at the projector level only.
+BATCHES = {"qwen2_audio": (15, 60, "feature_attention_mask"), "voxtral": (8, 64, None),
+           "audioflamingo3": (15, 60, "input_features_mask"),
+           "glmasr": (7, 60, "input_features_mask"), "moss": (8, 64, "input_features_mask"),
+           "qwen2_5_omni_thinker": (15, 60, "feature_attention_mask")}
 
 
-def test_qwen2_audio_end_to_end(tmp_path):
+def audio_batch(name):
+    n_tokens, frames, mask = BATCHES[name]
+    batch = dict(input_ids=torch.tensor([[1, 2] + [99] * n_tokens + [3, 4]]),
+                 input_features=torch.randn(1, 16, frames))
+    if mask:
+        batch[mask] = torch.ones(1, frames, dtype=torch.long)
+    return batch, n_tokens
+
+
+@pytest.mark.parametrize("name", BATCHES)
+def test_end_to_end(name, tmp_path):
     """Original forward; upcycled swap equals it; random swap trains (grads reach router and
     experts), generates, saves, and reloads through the helper to identical outputs."""
-    model = build("qwen2_audio")
-    batch = audio_batch()
+    model = build(name)
+    torch.manual_seed(1)
+    batch, n_tokens = audio_batch(name)
     with torch.no_grad():
         logits0 = model(**batch).logits
-    up = build("qwen2_audio")
+    up = build(name)
     hf.swap_adapter(up, init="upcycle", backend="torch")
     with torch.no_grad():
         assert rel_err(up(**batch).logits, logits0) < 1e-5
@@ -147,19 +163,19 @@ def test_qwen2_audio_end_to_end(tmp_path):
     loss.backward()
     assert adapter.w_gate.grad.abs().sum() > 0 and adapter.w1.grad.abs().sum() > 0
     stats = hf.routing_stats(model)
-    assert sum(int(s.tokens_per_expert.sum()) for s in stats.values()) == 15 * 4
+    (pairs,) = [int(st.tokens_per_expert.sum()) for st in stats.values()]
+    assert pairs >= n_tokens * 4 and pairs % 4 == 0  # some encoders pad before the projector
     model.eval()
     gen = model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert gen.shape == (1, batch["input_ids"].shape[1] + 3)
 
     model.save_pretrained(tmp_path)
-    reloaded = hf.load_swapped(transformers.Qwen2AudioForConditionalGeneration, str(tmp_path),
-                               backend="torch").eval()
+    reloaded = hf.load_swapped(type(model), str(tmp_path), backend="torch").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, model(**batch).logits)
 
     state = model.state_dict()
-    rebuilt = build("qwen2_audio")
+    rebuilt = build(name)
     rebuilt.config.moe_adapter = model.config.moe_adapter
     hf.reapply_swap(rebuilt, backend="torch")
     rebuilt.load_state_dict(state)
