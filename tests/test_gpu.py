@@ -163,3 +163,12 @@ def test_training_run_tracks_the_reference():
     assert curves["triton"][-20:].mean() < 0.5 * curves["triton"][:20].mean()  # it learns
     rel = (curves["triton"] - curves["torch"]).abs() / curves["torch"]
     assert rel[-50:].mean() < 0.05
+
+
+def test_fullgraph_compile_triton_bf16():
+    cfg = MoEAdapterConfig.paper()
+    _, tri = pair(cfg, torch.bfloat16)
+    compiled = torch.compile(tri, fullgraph=True)
+    x = torch.randn(4096, cfg.d_in, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), tri(x))
