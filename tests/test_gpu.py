@@ -172,3 +172,27 @@ def test_fullgraph_compile_triton_bf16():
     x = torch.randn(4096, cfg.d_in, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(compiled(x), tri(x))
+
+
+def test_swapped_tiny_qwen2_audio_trains_with_triton_bf16():
+    pytest.importorskip("transformers")
+    from moe_adapter_kernels.integrations.transformers import moe_aux_loss, swap_adapter
+    from test_transformers_integration import audio_batch, qwen2_audio
+
+    torch.manual_seed(0)
+    model = qwen2_audio().cuda().bfloat16().train()
+    adapter = swap_adapter(model, backend="triton")
+    assert adapter.w1.dtype == torch.bfloat16 and adapter.w1.is_cuda
+    batch, _ = audio_batch("qwen2_audio")
+    batch = {k: v.cuda() for k, v in batch.items()}
+    batch["input_features"] = batch["input_features"].bfloat16()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model(**batch, labels=batch["input_ids"]).loss + moe_aux_loss(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert adapter.backend_used == "triton"
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.5 * losses[0]

@@ -216,3 +216,21 @@ def test_upcycling_rejects_activations_it_cannot_copy():
                                    torch.nn.Linear(6, 5))
     with pytest.raises(ValueError, match="cannot upcycle activation"):
         hf.swap_adapter(net, init="upcycle", module_path="proj")
+
+
+def test_swapped_model_with_the_triton_backend_matches_torch():
+    pytest.importorskip("triton")
+    batch, _ = audio_batch("qwen2_audio")
+    results = []
+    for backend in ("torch", "triton"):
+        model = build("qwen2_audio")
+        torch.manual_seed(5)
+        adapter = hf.swap_adapter(model, backend=backend)
+        loss = model(**batch, labels=batch["input_ids"]).loss + hf.moe_aux_loss(model)
+        loss.backward()
+        assert adapter.backend_used == backend
+        results.append((loss.detach(), {n: p.grad for n, p in adapter.named_parameters()}))
+    (loss_t, g_t), (loss_k, g_k) = results
+    assert rel_err(loss_k, loss_t) < 1e-5
+    for name in g_t:
+        assert rel_err(g_k[name], g_t[name]) < 1e-4, name
