@@ -10,5 +10,6 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
     | tee -a "$OUT/device.txt"
 python -m pytest -m gpu -q -x tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
 python -m moe_adapter_kernels.cli check --dtype float32 float16 bfloat16 2>&1 | tee "$OUT/check.log"
+python -m benchmarks.kernels --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
 python -m moe_adapter_kernels.cli bench --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
     "$@" 2>&1 | tee "$OUT/bench.log"

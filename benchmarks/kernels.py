@@ -1,0 +1,116 @@
+"""Per-kernel benchmark of the Triton pipeline at the paper's sizes, for profiling.
+
+Each step's median time (triton.testing.do_bench), its counted FLOPs and the fewest bytes it
+must move, achieved TFLOP/s and GB/s, and the share of the device's measured bf16 matmul and
+copy ceilings (GEMMs against the former, the rest against the latter). Needs a CUDA GPU.
+
+    python -m benchmarks.kernels --tokens 8192 65536 --json kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from moe_adapter_kernels import MoEAdapter, MoEAdapterConfig, ops
+from moe_adapter_kernels.config import MOE_PRESETS
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def steps(model: MoEAdapter, x: torch.Tensor):
+    """(name, fn, flops, bytes) for every forward and backward step, on real routed data."""
+    cfg, p = model.config, dict(model.named_parameters())
+    T, d, k, E = x.shape[0], cfg.d_in, cfg.top_k, cfg.num_experts
+    F, Fu, D, S = cfg.expert_dim, cfg.expert_up, cfg.expert_out, cfg.shared_dim
+    b = x.element_size()
+    P = T * k
+    w_in, b_in = p["norm_in.weight"], p.get("norm_in.bias")
+    u = ops.norm(x, w_in, b_in, cfg.norm, cfg.norm_eps)[0]
+    logits, ids, gates, counts = ops.route(u, p["w_gate"], k)
+    sp, _, off = ops.permute(ids, counts, E)
+    h, pre = ops.expert_up(u, p["w1"], sp, off, k, cfg.expert_activation, True)
+    yp = ops.expert_down(h, p["w2"], sp, off, gates)
+    hs, pre_s = ops.linear(u, p["shared_w1"], "silu", True)
+    dz = torch.randn(T, D, device=x.device, dtype=x.dtype)
+    dpre = ops.expert_dact(dz, p["w2"], pre, sp, off, gates, k, cfg.expert_activation)[0]
+    return [
+        ("norm_in", lambda: ops.norm(x, w_in, b_in, cfg.norm, cfg.norm_eps), 0, 2 * T * d * b),
+        ("route", lambda: ops.route(u, p["w_gate"], k), 2 * T * d * E,
+         T * d * b + T * E * 4 + P * 8),
+        ("permute", lambda: ops.permute(ids, counts, E), 0, P * 4 * 3),
+        ("expert_up", lambda: ops.expert_up(u, p["w1"], sp, off, k, cfg.expert_activation),
+         2 * P * d * Fu, T * d * b + E * d * Fu * b + P * F * b),
+        ("expert_down", lambda: ops.expert_down(h, p["w2"], sp, off, gates), 2 * P * F * D,
+         P * F * b + E * F * D * b + P * D * b),
+        ("shared_up", lambda: ops.linear(u, p["shared_w1"], "silu"), 2 * T * d * S,
+         T * d * b + d * S * b + T * S * b),
+        ("shared_down", lambda: ops.linear(hs, p["shared_w2"], "identity"), 2 * T * S * D,
+         T * S * b + S * D * b + T * D * b),
+        ("combine", lambda: ops.combine(yp, dz, k, cfg.norm, p["norm_out.weight"],
+                                        p.get("norm_out.bias"), cfg.norm_eps), 0,
+         (P * D + 2 * T * D) * b),
+        ("bwd expert_dact", lambda: ops.expert_dact(dz, p["w2"], pre, sp, off, gates, k,
+                                                    cfg.expert_activation),
+         2 * P * D * F, (T * D + E * F * D + 2 * P * Fu) * b),
+        ("bwd dW2", lambda: ops.weight_grad_op(pre, dz, off, sp, 0, k, gates.reshape(-1),
+                                               cfg.expert_activation), 2 * P * F * D,
+         (P * Fu + P * D + E * F * D) * b),
+        ("bwd dW1", lambda: ops.weight_grad_op(u, dpre, off, sp, k, 0, None, "identity"),
+         2 * P * d * Fu, (P * d + P * Fu + E * d * Fu) * b),
+        ("bwd expert_dx", lambda: ops.expert_dx(dpre, p["w1"], sp, off), 2 * P * Fu * d,
+         (P * Fu + E * d * Fu + P * d) * b),
+        ("bwd shared_dact", lambda: ops.linear_dact(dz, p["shared_w2"], pre_s, "silu"),
+         2 * T * D * S, (T * D + S * D + 2 * T * S) * b),
+    ]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 65536])
+    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    ap.add_argument("--preset", default="paper", choices=list(MOE_PRESETS))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks.kernels needs a CUDA GPU (the Triton kernels only run interpreted on "
+              "a CPU, where timings mean nothing); nothing measured.")
+        return 0
+    import triton.testing
+
+    from benchmarks.bench import ceilings, timer
+    bench = timer("cuda")
+    ceil = ceilings(bench)
+    print(f"{torch.cuda.get_device_name()}: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, "
+          f"copy {ceil['copy_tbps']:.2f} TB/s", file=sys.stderr)
+    torch.manual_seed(0)
+    dtype = DTYPES[args.dtype]
+    model = MoEAdapter(MoEAdapterConfig.preset(args.preset), backend="triton").cuda().to(dtype)
+    rows = []
+    for T in args.tokens:
+        x = torch.randn(T, model.config.d_in, device="cuda", dtype=dtype)
+        with torch.no_grad():
+            for name, fn, flops, nbytes in steps(model, x):
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                tflops, gbps = flops / ms / 1e9, nbytes / ms / 1e6
+                share = (tflops / ceil["matmul_tflops"] if flops > 10 * nbytes
+                         else gbps / 1e3 / ceil["copy_tbps"])
+                rows.append(dict(tokens=T, step=name, ms=ms, tflops=tflops, gbps=gbps,
+                                 share_of_ceiling=share))
+    print("| T | step | ms | TFLOP/s | GB/s | share of ceiling |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tokens']} | {r['step']} | {r['ms']:.3f} | {r['tflops']:.1f} | "
+              f"{r['gbps']:.0f} | {100 * r['share_of_ceiling']:.0f}% |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ceilings": ceil, "device": torch.cuda.get_device_name(),
+                       "dtype": args.dtype, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
