@@ -154,8 +154,9 @@ def main(argv=None) -> int:
     names = args.backends or [b for b in backends.available_backends()
                               if gpu or b == "torch"]
     bench = timer(device)
+    cpu_name = f"CPU ({platform.processor() or platform.machine()})"
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()})",
+            "device": torch.cuda.get_device_name() if gpu else cpu_name,
             "torch": torch.__version__, "package": __version__, "commit": git_commit(),
             "dtype": str(dtype).replace("torch.", ""), "preset": args.preset}
     try:

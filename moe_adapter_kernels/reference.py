@@ -156,19 +156,24 @@ def routing_stats(routing: Routing, num_experts: int, l_aux: torch.Tensor) -> Ro
     return RoutingStats(counts, mean_gate, l_aux.detach())
 
 
+def _norm_and_shared(p: dict, cfg: MoEAdapterConfig):
+    """N(t, position) and S(t), the norms and the shared / aggregation MLP, over params p."""
+    def N(t, pos):
+        return norm(t, cfg.norm_at(pos), p.get(f"norm_{pos}.weight"), p.get(f"norm_{pos}.bias"),
+                    cfg.norm_eps)
+
+    def shared(t):
+        return mlp(t, p["shared_w1"], p["shared_w2"], cfg.shared_activation, p.get("shared_b1"),
+                   p.get("shared_b2"))
+    return N, shared
+
+
 def moe_adapter(x: torch.Tensor, p: dict, cfg: MoEAdapterConfig):
     """The whole MoE-Adapter on x [T, d_in] with parameters ``p`` (the module's names).
 
     Returns (y [T, d_out], routing, unscaled L_aux).
     """
-    def N(t, name):
-        return norm(t, cfg.norm_at(name), p.get(f"norm_{name}.weight"),
-                    p.get(f"norm_{name}.bias"), cfg.norm_eps)
-
-    def shared(t):
-        return mlp(t, p["shared_w1"], p["shared_w2"], cfg.shared_activation, p.get("shared_b1"),
-                   p.get("shared_b2"))
-
+    N, shared = _norm_and_shared(p, cfg)
     u = N(x, "in")
     routing = route(u, p["w_gate"], cfg.top_k, getattr(torch, cfg.router_dtype))
     h = routed_experts(u, routing, p["w1"], p["w2"], cfg.expert_activation, p.get("b1"),
@@ -196,14 +201,7 @@ def moe_adapter_per_token(x: torch.Tensor, p: dict, cfg: MoEAdapterConfig) -> to
     ``moe-adapter check``. Returns y [T, d_out] in fp32.
     """
     f = {name: t.detach().double() for name, t in p.items()}
-
-    def N(t, name):
-        return norm(t, cfg.norm_at(name), f.get(f"norm_{name}.weight"),
-                    f.get(f"norm_{name}.bias"), cfg.norm_eps)
-
-    def shared(t):
-        return mlp(t, f["shared_w1"], f["shared_w2"], cfg.shared_activation, f.get("shared_b1"),
-                   f.get("shared_b2"))
+    N, shared = _norm_and_shared(f, cfg)
 
     rows = []
     for xb in x.detach().double():

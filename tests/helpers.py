@@ -5,6 +5,23 @@ import torch
 from moe_adapter_kernels import MoEAdapterConfig
 from moe_adapter_kernels.check import rel_err  # noqa: F401  (re-exported for the tests)
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+# Config variants every backend is checked on (small_config overrides): topologies,
+# activations, norms, biases, k = 1 and k = E.
+VARIANTS = {
+    "paper-shape": dict(),
+    "swiglu-rms": dict(expert_activation="swiglu", norm="rmsnorm"),
+    "post-swiglu": dict(topology="post", expert_activation="swiglu"),
+    "post-none": dict(topology="post", norm="none"),
+    "k1": dict(top_k=1),
+    "k=E": dict(num_experts=4, top_k=4),
+    "bias-gelu": dict(bias=True, expert_activation="gelu", shared_activation="gelu"),
+    "identity-no-in-norm": dict(expert_activation="identity", shared_activation="identity",
+                                input_norm=False, bias=True),
+}
+
 
 def small_config(**kw) -> MoEAdapterConfig:
     """A small config with odd sizes (partial tiles everywhere)."""

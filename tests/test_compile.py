@@ -5,9 +5,7 @@ import torch
 
 from moe_adapter_kernels import MoEAdapter
 
-from helpers import rel_err, small_config
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from helpers import DEVICE, rel_err, small_config
 
 
 def run(fn, model, x, dy):

@@ -8,22 +8,15 @@ import torch
 from moe_adapter_kernels import MoEAdapter, reference
 from moe_adapter_kernels.reference import Routing
 
-from helpers import force_routing, rel_err, small_config
+from helpers import VARIANTS, force_routing, rel_err, small_config
 
-CONFIGS = {
-    "shared-silu-ln": dict(),
-    "shared-swiglu-rms": dict(expert_activation="swiglu", norm="rmsnorm"),
-    "post-swiglu-ln": dict(topology="post", expert_activation="swiglu"),
-    "post-silu-none": dict(topology="post", norm="none"),
+CONFIGS = dict(VARIANTS, **{
     "no-shared": dict(shared_dim=0),
-    "k1": dict(top_k=1),
-    "k=E": dict(num_experts=4, top_k=4),
     "16c4": dict(num_experts=16, top_k=4),
-    "bias-gelu": dict(bias=True, expert_activation="gelu", shared_activation="gelu"),
     "identity-no-norms": dict(expert_activation="identity", shared_activation="identity",
                               input_norm=False, output_norm=False, bias=True),
     "post-bias": dict(topology="post", bias=True, input_norm=False),
-}
+})
 
 
 @pytest.mark.parametrize("name", CONFIGS)

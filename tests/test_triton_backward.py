@@ -10,25 +10,15 @@ pytest.importorskip("triton")
 
 from moe_adapter_kernels import MoEAdapter  # noqa: E402
 
-from helpers import force_routing, rel_err, small_config  # noqa: E402
+from helpers import (DEVICE, TOL, VARIANTS, force_routing, rel_err,  # noqa: E402
+                     small_config)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
-
-CONFIGS = {
-    "paper-shape": dict(),
-    "swiglu-rms": dict(expert_activation="swiglu", norm="rmsnorm"),
-    "post-swiglu": dict(topology="post", expert_activation="swiglu"),
-    "post-none": dict(topology="post", norm="none"),
+CONFIGS = dict(VARIANTS, **{
     "no-shared-k3": dict(shared_dim=0, top_k=3),
-    "k1": dict(top_k=1),
-    "k=E": dict(num_experts=4, top_k=4),
     "softmax-aux": dict(aux_loss_variant="softmax", aux_loss_coef=0.5),
-    "bias-gelu": dict(bias=True, expert_activation="gelu", shared_activation="gelu"),
     "post-bias-identity": dict(topology="post", bias=True, expert_activation="swiglu",
                                shared_activation="identity", output_norm=False),
-    "identity-no-in-norm": dict(expert_activation="identity", input_norm=False, bias=True),
-}
+})
 
 
 def make_pair(cfg, dtype=torch.float32, seed=0):

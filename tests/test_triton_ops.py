@@ -12,11 +12,9 @@ pytest.importorskip("triton")
 from moe_adapter_kernels import ops, reference  # noqa: E402
 from moe_adapter_kernels.ops.router import BLOCK_T  # noqa: E402
 
-from helpers import rel_err  # noqa: E402
+from helpers import DEVICE, TOL, rel_err  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16]
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 pytestmark = pytest.mark.usefixtures("poison")
 

@@ -76,6 +76,23 @@ def _tile_rows(pid_m, Offsets, M, NUM_GROUPS: tl.constexpr, BLOCK_M: tl.constexp
 
 
 @triton.jit
+def _tile_operands(PairIds, rm, m_ok, pid_n, N, NEED_PAIR: tl.constexpr,
+                   GATHER_DIV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(pair ids, A rows, N columns, column mask) of a tile: A rows are gathered by
+    pair // GATHER_DIV when GATHER_DIV > 0; pair ids are loaded only when NEED_PAIR."""
+    if NEED_PAIR:
+        pair = tl.load(PairIds + rm, mask=m_ok, other=0).to(tl.int64)
+    else:
+        pair = rm.to(tl.int64)
+    if GATHER_DIV > 0:
+        a_row = pair // GATHER_DIV
+    else:
+        a_row = rm.to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pair, a_row, rn, rn < N
+
+
+@triton.jit
 def _mainloop(A, B, a_row, m_ok, group, rn, n_ok, K, stride_am, stride_ak, stride_bg,
               stride_bk, stride_bn, B_SHIFT, TWO_B: tl.constexpr, DOT_FP32: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -123,14 +140,9 @@ def _grouped_gemm_kernel(
     group, rm, m_ok = _tile_rows(pid_m, Offsets, M, NUM_GROUPS, BLOCK_M)
     if group < 0:
         return
-    if GATHER_DIV > 0 or SCATTER or HAS_SCALE:
-        pair = tl.load(PairIds + rm, mask=m_ok, other=0).to(tl.int64)
-    if GATHER_DIV > 0:
-        a_row = pair // GATHER_DIV
-    else:
-        a_row = rm.to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
+    pair, a_row, rn, n_ok = _tile_operands(PairIds, rm, m_ok, pid_n, N,
+                                           GATHER_DIV > 0 or SCATTER or HAS_SCALE, GATHER_DIV,
+                                           BLOCK_N)
     acc, acc_up = _mainloop(A, B, a_row, m_ok, group, rn, n_ok, K, stride_am, stride_ak,
                             stride_bg, stride_bk, stride_bn, N, ACT == 2, DOT_FP32,
                             BLOCK_M, BLOCK_N, BLOCK_K)
@@ -174,14 +186,8 @@ def _grouped_dact_kernel(
     group, rm, m_ok = _tile_rows(pid_m, Offsets, M, NUM_GROUPS, BLOCK_M)
     if group < 0:
         return
-    if GATHER_DIV > 0 or HAS_GATE:
-        pair = tl.load(PairIds + rm, mask=m_ok, other=0).to(tl.int64)
-    if GATHER_DIV > 0:
-        a_row = pair // GATHER_DIV
-    else:
-        a_row = rm.to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
+    pair, a_row, rn, n_ok = _tile_operands(PairIds, rm, m_ok, pid_n, N,
+                                           GATHER_DIV > 0 or HAS_GATE, GATHER_DIV, BLOCK_N)
     dh, _ = _mainloop(A, B, a_row, m_ok, group, rn, n_ok, K, stride_am, stride_ak, stride_bg,
                       stride_bk, stride_bn, 0, False, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = m_ok[:, None] & n_ok[None, :]
