@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from ._common import check, check_tensor, dot_in_fp32, interpreting
 
 ACTIVATIONS = {"none": 0, "identity": 0, "silu": 1, "swiglu": 2, "gelu": 3}
@@ -210,13 +211,37 @@ def _grouped_dact_kernel(
 
 
 def default_config(dtype: torch.dtype) -> dict:
-    """Tile shapes: small under the interpreter (partial tiles in small tests), tensor-core
-    sized on the GPU. Issue-5 autotuning replaces this."""
+    """Tile shapes when nothing is tuned: small under the interpreter (partial tiles in small
+    tests), tensor-core sized on the GPU."""
     if interpreting():
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+def fwd_key(a, b, *, offsets=None, pair_ids=None, activation="none", **_) -> str:
+    """The tuning key of a :func:`grouped_gemm` launch (see ``tuning.shape_key``)."""
+    grouped = offsets is not None
+    n_out = b.shape[-1] // 2 if activation == "swiglu" else b.shape[-1]
+    M = pair_ids.shape[0] if grouped else a.shape[0]
+    return tuning.shape_key("fwd", f"{'grouped' if grouped else 'dense'}-{activation}",
+                            a.dtype, M, n_out, a.shape[1])
+
+
+def dact_key(dc, w, preact, activation, *, offsets=None, **_) -> str:
+    """The tuning key of a :func:`grouped_dact` launch."""
+    return tuning.shape_key("dact", f"{'dense' if offsets is None else 'grouped'}-{activation}",
+                            dc.dtype, preact.shape[0], w.shape[-2], dc.shape[1])
+
+
+def pick_config(key: str, a: torch.Tensor) -> dict:
+    """The committed tuned config for this device and shape, else the default."""
+    if a.is_cuda and not interpreting():
+        tuned = tuning.lookup(tuning.device_key(a.device.index or 0), key)
+        if tuned is not None:
+            return {k: v for k, v in tuned.items() if k != "ms"}
+    return default_config(a.dtype)
 
 
 def _check_gemm(op, a, b, offsets, activation, pair_ids, needs_pairs):
@@ -264,7 +289,8 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, *, offsets: torch.Tensor | No
         check(bias.shape[-1] == b.shape[-1] and bias.dim() == (2 if groups else 1) and
               bias.stride(-1) == 1, op, f"bias must be [{'G, ' if groups else ''}"
               f"{b.shape[-1]}] and contiguous, got {tuple(bias.shape)}")
-    cfg = dict(config or default_config(a.dtype))
+    cfg = dict(config or pick_config(fwd_key(a, b, offsets=offsets, pair_ids=pair_ids,
+                                             activation=activation), a))
     if M and n_out:
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) + groups, triton.cdiv(n_out, cfg["BLOCK_N"]))
         _grouped_gemm_kernel[grid](
@@ -296,7 +322,8 @@ def grouped_dact(dc: torch.Tensor, w: torch.Tensor, preact: torch.Tensor, activa
     check(preact.shape[-1] == (2 * F if activation == "swiglu" else F), op,
           f"preact has {preact.shape[-1]} columns for activation {activation} and F={F}")
     M = preact.shape[0]
-    cfg = dict(config or default_config(dc.dtype))
+    cfg = dict(config or pick_config(dact_key(dc, w, preact, activation, offsets=offsets),
+                                     dc))
     n_tiles = triton.cdiv(F, cfg["BLOCK_N"])
     dpre = torch.empty_like(preact)
     dgate_part = (torch.empty(gate.numel(), n_tiles, device=dc.device, dtype=torch.float32)
