@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# One device call: GPU tests, self-check, tile tuning, then the benchmarks; logs, the tuned
-# configs and JSON results under $OUT.
-# Usage on the device machine, from the repo root:  bash benchmarks/gpu_session.sh
+# GPU work in as few device calls as possible. Stages (default: all):
+#   tests  GPU tests and the self-check      tune   tile tuning (commit the JSON it writes)
+#   bench  per-kernel and adapter benchmarks
+# Everything lands under $OUT: session.log, the tuned configs, kernels.json, bench.json/.md.
+# Usage on the device machine, from the repo root:  bash benchmarks/gpu_session.sh [stage...]
 set -uo pipefail
 OUT=${OUT:-/tmp/moe_out}
 mkdir -p "$OUT"
+LOG="$OUT/session.log"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
-    | tee -a "$OUT/device.txt"
-python -m pytest -m gpu -q -x tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log"
-python -m moe_adapter_kernels.cli check --dtype float32 float16 bfloat16 2>&1 | tee "$OUT/check.log"
-python -m benchmarks.tune 2>&1 | tee "$OUT/tune.log"   # commit ops/tuned/*.json from $OUT
-cp moe_adapter_kernels/ops/tuned/*.json "$OUT/" 2>/dev/null
-python -m benchmarks.kernels --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
-python -m moe_adapter_kernels.cli bench --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
-    "$@" 2>&1 | tee "$OUT/bench.log"
+stages=${*:-tests tune bench}
+run() { echo "+ $*" | tee -a "$LOG"; "$@" 2>&1 | tee -a "$LOG"; }
+run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+run python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+for stage in $stages; do
+  case $stage in
+    tests) run python -m pytest -m gpu -q -x tests/test_gpu.py
+           run python -m moe_adapter_kernels.cli check --dtype float32 float16 bfloat16 ;;
+    tune)  run python -m benchmarks.tune
+           cp moe_adapter_kernels/ops/tuned/*.json "$OUT/" 2>/dev/null ;;
+    bench) run python -m benchmarks.kernels --json "$OUT/kernels.json"
+           run python -m moe_adapter_kernels.cli bench --json "$OUT/bench.json" \
+               --markdown "$OUT/bench.md" ;;
+    *) echo "unknown stage $stage (tests, tune, bench)"; exit 2 ;;
+  esac
+done
