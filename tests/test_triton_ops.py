@@ -328,3 +328,15 @@ def test_linear_backward_ops(dtype):
     (reference.mlp(la, l1, l2) * dc.float()).sum().backward()
     for got, want in ((dw1, l1.grad), (dw2, l2.grad), (da, la.grad)):
         assert rel_err(got, want) < TOL[dtype]
+
+
+def test_grouped_mlp_is_up_then_down():
+    ids, sorted_pair, offsets = routing_case(33, 8, 4)
+    u, w1, w2 = randn(33, 40), randn(8, 40, 24, scale=0.3), randn(8, 24, 16, scale=0.3)
+    gates = torch.softmax(torch.randn(33, 4, device=DEVICE), -1)
+    h, _ = ops.expert_up(u, w1, sorted_pair, offsets, 4, "silu")
+    want = ops.expert_down(h, w2, sorted_pair, offsets, gates)
+    got = ops.grouped_mlp(u, w1, w2, sorted_pair, offsets, gates, 4, "silu")
+    assert torch.equal(got, want)
+    ref = grouped_reference(u, w1, ids, "silu")
+    assert rel_err(got, grouped_reference(ref, w2, ids.reshape(-1, 1), "none", gates)) < 1e-5

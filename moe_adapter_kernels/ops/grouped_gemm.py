@@ -77,6 +77,16 @@ def _tile_rows(pid_m, Offsets, M, NUM_GROUPS: tl.constexpr, BLOCK_M: tl.constexp
 
 
 @triton.jit
+def _tile_ids(N, BLOCK_N: tl.constexpr):
+    """(M tile, N tile) of this program in a 1-D grid, N tiles fastest: the programs that
+    share a (gathered) row tile of A run together, so it is read from HBM about once and
+    served from L2 for its other N tiles; one expert's weights stay in L2 either way."""
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    return pid // n_tiles, pid % n_tiles
+
+
+@triton.jit
 def _tile_operands(PairIds, rm, m_ok, pid_n, N, NEED_PAIR: tl.constexpr,
                    GATHER_DIV: tl.constexpr, BLOCK_N: tl.constexpr):
     """(pair ids, A rows, N columns, column mask) of a tile: A rows are gathered by
@@ -136,8 +146,7 @@ def _grouped_gemm_kernel(
         BLOCK_K: tl.constexpr):
     """Forward: C = act(A[rows] @ B[g] + bias[g]) * scale; optionally also the
     pre-activation."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(N, BLOCK_N)
     group, rm, m_ok = _tile_rows(pid_m, Offsets, M, NUM_GROUPS, BLOCK_M)
     if group < 0:
         return
@@ -182,8 +191,7 @@ def _grouped_dact_kernel(
     """Backward through ``C = g * act(z) @ W``: with dh = dC[rows] @ W[g]^T (this GEMM),
     dz = g * dh * act'(z) and, when gated, dg partials = sum over this N tile of dh * act(z).
     z (the saved pre-activation) and dz are in sorted rows; dg partials in pair order."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_m, pid_n = _tile_ids(N, BLOCK_N)
     group, rm, m_ok = _tile_rows(pid_m, Offsets, M, NUM_GROUPS, BLOCK_M)
     if group < 0:
         return
@@ -292,7 +300,7 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, *, offsets: torch.Tensor | No
     cfg = dict(config or pick_config(fwd_key(a, b, offsets=offsets, pair_ids=pair_ids,
                                              activation=activation), a))
     if M and n_out:
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) + groups, triton.cdiv(n_out, cfg["BLOCK_N"]))
+        grid = ((triton.cdiv(M, cfg["BLOCK_M"]) + groups) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
         _grouped_gemm_kernel[grid](
             a, b, out, preact, bias, pair_ids, scale, offsets, M, n_out, a.shape[1],
             a.stride(0), a.stride(1), bs[0], bs[1], bs[2], out.stride(0), out.stride(1),
@@ -329,7 +337,7 @@ def grouped_dact(dc: torch.Tensor, w: torch.Tensor, preact: torch.Tensor, activa
     dgate_part = (torch.empty(gate.numel(), n_tiles, device=dc.device, dtype=torch.float32)
                   if gate is not None else None)
     if M and F:
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) + groups, n_tiles)
+        grid = ((triton.cdiv(M, cfg["BLOCK_M"]) + groups) * n_tiles,)
         _grouped_dact_kernel[grid](
             dc, wt, preact, dpre, pair_ids, gate, dgate_part, offsets, M, F, dc.shape[1],
             dc.stride(0), dc.stride(1), bs[0], bs[1], bs[2], preact.stride(0),
