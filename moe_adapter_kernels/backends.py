@@ -27,8 +27,10 @@ def triton_status() -> tuple[bool, str]:
 
 
 def cuda_ext_status() -> tuple[bool, str]:
-    """(usable, reason) for the compiled CUDA extension in csrc/."""
-    return False, "the CUDA extension is not part of this release yet"
+    """(usable, reason) for the compiled CUDA extension in csrc/ (see ``moe_adapter_kernels.cuda``;
+    the first call may build it)."""
+    from . import cuda
+    return cuda.status()
 
 
 def status(name: str) -> tuple[bool, str]:
@@ -66,4 +68,11 @@ def resolve(name: str, device: torch.device, implemented: tuple[str, ...]) -> st
         for b in ("triton", "cuda"):
             if b in implemented and status(b)[0]:
                 return b
+            if b in implemented:
+                _log_fallback(b)
     return "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback(name: str) -> None:
+    log.debug("backend 'auto': %s is unavailable (%s)", name, status(name)[1])

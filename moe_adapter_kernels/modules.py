@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import backends, reference
+from .autograd import moe_adapter_forward
 from .config import DenseAdapterConfig, FeatureFusionConfig, MoEAdapterConfig
 
 log = logging.getLogger("moe_adapter_kernels")
@@ -140,11 +141,16 @@ class MoEAdapter(nn.Module):
 
 
 def _triton_forward(x, p, cfg):
-    from .ops import moe_adapter_forward  # imports triton: only when that backend runs
-    return moe_adapter_forward(x, p, cfg)
+    from . import ops  # noqa: F401  imports triton (only when this backend runs); registers it
+    return moe_adapter_forward(x, p, cfg, kernels="triton")
 
 
-_MOE_IMPLS = {"torch": reference.moe_adapter, "triton": _triton_forward}
+def _cuda_forward(x, p, cfg):
+    from .cuda import ops  # noqa: F401  loads the extension; registers its op set
+    return moe_adapter_forward(x, p, cfg, kernels="cuda")
+
+
+_MOE_IMPLS = {"torch": reference.moe_adapter, "triton": _triton_forward, "cuda": _cuda_forward}
 
 
 class DenseAdapter(nn.Module):

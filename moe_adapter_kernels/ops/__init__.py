@@ -1,23 +1,31 @@
 """Triton kernels of the MoE-Adapter as functional ops, each registered with
-``torch.library.custom_op`` (namespace ``moe_adapter``) with a fake implementation.
+``torch.library.custom_op`` (namespace ``moe_adapter``) with a fake implementation. Importing
+this package registers them as the ``"triton"`` op set of the autograd wiring
+(``moe_adapter_kernels.autograd``).
 
 Forward: ``norm`` -> ``route`` -> ``permute`` -> ``expert_up`` -> ``expert_down``
 (``grouped_mlp`` = both) -> ``linear`` (shared MLP) -> ``combine``. Backward (wired in
-``autograd.MoEAdapterFunction``): ``norm_bwd``, ``expert_dact`` / ``linear_dact`` (GEMM into the
+``moe_adapter_kernels.autograd``): ``norm_bwd``, ``expert_dact`` / ``linear_dact`` (GEMM into the
 pre-activation with the activation derivative and gate gradient fused), ``weight_grad``
 (per-expert dW over variable-length row ranges), ``expert_dx``. See each op's docstring for
 shapes and dtypes; floating inputs may be fp32, fp16 or bf16, accumulation is fp32.
 """
 
-from .autograd import MoEAdapterFunction
+import types
+
+from ..autograd import KERNELS, MoEAdapterFunction, moe_adapter_forward
 from .combine import combine
 from .grouped_gemm import (expert_dact, expert_down, expert_dx, expert_up, grouped_dact,
                            grouped_gemm, linear, linear_dact)
-from .moe import moe_adapter_forward
 from .norm import norm, norm_bwd
 from .permute import permute
 from .router import route
 from .weight_grad import weight_grad, weight_grad_op
+
+KERNELS["triton"] = types.SimpleNamespace(
+    norm=norm, norm_bwd=norm_bwd, route=route, permute=permute, expert_up=expert_up,
+    expert_down=expert_down, linear=linear, combine=combine, expert_dact=expert_dact,
+    linear_dact=linear_dact, expert_dx=expert_dx, weight_grad_op=weight_grad_op)
 
 
 def grouped_mlp(u, w1, w2, sorted_pair, expert_offsets, topk_weights, top_k: int,

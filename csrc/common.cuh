@@ -1,0 +1,110 @@
+// Device helpers shared by the kernels: dtype conversion, activations, a fixed-order block
+// reduction, dtype dispatch and the launch macro (a real launch, or the CPU emulator).
+#pragma once
+
+#include <math.h>
+
+#include "kernels.h"
+
+#ifdef MOE_EMULATE
+#include "emulate/emulate.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
+
+namespace moe {
+
+constexpr int kThreads = 256;  // every kernel runs 256-thread blocks (a power of two)
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+// act(z) for identity, SiLU and GELU (erf); SwiGLU is silu(gate) * up, done by the callers.
+__device__ __forceinline__ float act_fwd(float z, int act) {
+  if (act == kGelu) return 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
+  if (act == kIdentity) return z;
+  return z * sigmoid(z);
+}
+
+// d act(z) / dz (SiLU also serves SwiGLU's gate half).
+__device__ __forceinline__ float act_grad(float z, int act) {
+  if (act == kGelu)
+    return 0.5f * (1.0f + erff(z * 0.70710678118654752f)) +
+           z * 0.3989422804014327f * expf(-0.5f * z * z);
+  if (act == kIdentity) return 1.0f;
+  float s = sigmoid(z);
+  return s * (1.0f + z * (1.0f - s));
+}
+
+// Sum of v over the block in a fixed tree order (deterministic); every thread gets the
+// result. red: kThreads floats of shared memory, free again on return.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  red[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+    __syncthreads();
+  }
+  float r = red[0];
+  __syncthreads();
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ float load_f(const void* p, int64_t i) {
+  return to_f(static_cast<const T*>(p)[i]);
+}
+
+}  // namespace moe
+
+// Run BODY with T bound to the C++ type of a DType.
+#define MOE_DISPATCH(DTYPE, T, ...)           \
+  switch (DTYPE) {                            \
+    case ::moe::kF16: {                       \
+      using T = __half;                       \
+      __VA_ARGS__;                            \
+      break;                                  \
+    }                                         \
+    case ::moe::kBF16: {                      \
+      using T = __nv_bfloat16;                \
+      __VA_ARGS__;                            \
+      break;                                  \
+    }                                         \
+    default: {                                \
+      using T = float;                        \
+      __VA_ARGS__;                            \
+    }                                         \
+  }
+
+#ifdef MOE_EMULATE
+#define MOE_LAUNCH(KFN, GRID, BLOCK, SMEM, STREAM, ...) \
+  ::emu::launch(GRID, BLOCK, SMEM, [&] { KFN(__VA_ARGS__); })
+#define MOE_LAUNCH_STATUS() 0
+#else
+#define MOE_LAUNCH(KFN, GRID, BLOCK, SMEM, STREAM, ...) \
+  KFN<<<GRID, BLOCK, SMEM, STREAM>>>(__VA_ARGS__)
+#define MOE_LAUNCH_STATUS() cudaGetLastError()
+#endif
+
+// Dynamic shared memory of a kernel, as a byte pointer.
+#ifdef MOE_EMULATE
+#define MOE_DYNAMIC_SMEM(NAME) unsigned char* NAME = ::emu::dynamic_smem()
+#else
+#define MOE_DYNAMIC_SMEM(NAME) extern __shared__ __align__(128) unsigned char NAME[]
+#endif

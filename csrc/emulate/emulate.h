@@ -1,0 +1,186 @@
+// A CPU emulation of the small part of the CUDA execution model the kernels in csrc/ use, so
+// CI (no GPU) runs the very same kernel code on CPU tensors and checks it against the
+// reference, as TRITON_INTERPRET=1 does for the Triton kernels.
+//
+// Each CUDA thread of a block is a fiber (ucontext) on one OS thread: a fiber runs until it
+// reaches __syncthreads() or returns, then the next one runs; a barrier is passed once every
+// live thread of the block has reached it (a barrier that only some threads reach is
+// reported as an error, as it is a bug on a GPU). Blocks run one after another. Shared memory
+// is shared by the block's fibers; dynamic shared memory is filled with 0xFF bytes (NaN /
+// -1) before each block, so reads of unwritten shared memory show. WMMA fragments hold whole
+// 16x16 tiles, computed by lane 0 of each warp in fp32.
+//
+// Not emulated (checked on the GPU instead): memory-model races, warp-level primitives,
+// alignment, and timing.
+#pragma once
+
+#include <ucontext.h>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+using __half = c10::Half;
+using __nv_bfloat16 = c10::BFloat16;
+inline float __half2float(__half v) { return static_cast<float>(v); }
+inline float __bfloat162float(__nv_bfloat16 v) { return static_cast<float>(v); }
+inline __half __float2half_rn(float v) { return __half(v); }
+inline __nv_bfloat16 __float2bfloat16_rn(float v) { return __nv_bfloat16(v); }
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+namespace emu {
+
+inline dim3 thread_idx, block_idx, block_dim, grid_dim;
+
+struct Fiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  bool done = false;
+};
+
+inline ucontext_t scheduler;
+inline std::vector<Fiber> fibers;
+inline std::vector<unsigned char> smem;
+inline int current = 0;
+inline const std::function<void()>* body = nullptr;
+constexpr size_t kStackBytes = 256 * 1024;
+
+inline unsigned char* dynamic_smem() { return smem.data(); }
+
+inline void fiber_entry() {
+  (*body)();
+  fibers[current].done = true;  // returning resumes the scheduler through uc_link
+}
+
+inline void syncthreads() { swapcontext(&fibers[current].ctx, &scheduler); }
+
+inline void set_thread(int i) {
+  current = i;
+  thread_idx = dim3(i % block_dim.x, (i / block_dim.x) % block_dim.y,
+                    i / (block_dim.x * block_dim.y));
+}
+
+inline void run_block(int n) {
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = fibers[i];
+    f.done = false;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack.data();
+    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_link = &scheduler;
+    makecontext(&f.ctx, fiber_entry, 0);
+  }
+  int live = n;
+  while (live) {
+    int waiting = 0;
+    for (int i = 0; i < n; ++i) {
+      if (fibers[i].done) continue;
+      set_thread(i);
+      swapcontext(&scheduler, &fibers[i].ctx);
+      if (!fibers[i].done) ++waiting;
+    }
+    if (waiting && waiting != live)
+      throw std::runtime_error(
+          "CUDA emulator: __syncthreads() reached by " + std::to_string(waiting) + " of " +
+          std::to_string(live) + " live threads in block (" + std::to_string(block_idx.x) +
+          ", " + std::to_string(block_idx.y) + ")");
+    live = waiting;
+  }
+}
+
+// Run fn once per thread of every block of the grid.
+inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& fn) {
+  const int n = static_cast<int>(block.x * block.y * block.z);
+  if (static_cast<int>(fibers.size()) < n) fibers.resize(n);
+  for (auto& f : fibers)
+    if (f.stack.empty()) f.stack.resize(kStackBytes);
+  body = &fn;
+  grid_dim = grid;
+  block_dim = block;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        block_idx = dim3(x, y, z);
+        smem.assign(smem_bytes, 0xFF);
+        run_block(n);
+      }
+  body = nullptr;
+}
+
+}  // namespace emu
+
+#define threadIdx ::emu::thread_idx
+#define blockIdx ::emu::block_idx
+#define blockDim ::emu::block_dim
+#define gridDim ::emu::grid_dim
+#define __syncthreads() ::emu::syncthreads()
+
+// WMMA with whole-tile fragments; lane 0 of each warp does the work (the kernels only move
+// fragments through load/mma/store, never read their elements).
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  T x[16 * 16];
+};
+
+inline bool lane0() { return threadIdx.x % 32 == 0; }
+
+template <typename F>
+inline void fill_fragment(F& f, float v) {
+  for (auto& e : f.x) e = v;
+}
+
+template <typename Use, typename T, typename L>
+inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+  if (!lane0()) return;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = p[r * ldm + c];
+}
+
+template <typename T>
+inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
+                     const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, row_major>& b,
+                     const fragment<accumulator, 16, 16, 16, float>& c) {
+  if (!lane0()) return;
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float s = c.x[i * 16 + j];
+      for (int k = 0; k < 16; ++k)
+        s += static_cast<float>(a.x[i * 16 + k]) * static_cast<float>(b.x[k * 16 + j]);
+      d.x[i * 16 + j] = s;
+    }
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
+                              unsigned ldm, layout_t) {
+  if (!lane0()) return;
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) p[r * ldm + c] = f.x[r * 16 + c];
+}
+}  // namespace wmma
+}  // namespace nvcuda

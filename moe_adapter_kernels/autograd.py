@@ -1,0 +1,211 @@
+"""Autograd wiring of the fused MoE-Adapter: one ``torch.autograd.Function`` whose forward and
+backward are sequences of registered ops (``moe_adapter::*`` Triton ops, or the CUDA
+extension's ``moe_adapter_cuda::*``).
+
+Saved for backward (the fewest tensors that avoid a second forward through the GEMMs):
+- x and the input norm's mean/rstd: u = N(x) is recomputed (one cheap pass) instead of kept;
+- the routing (topk ids and weights, sorted pair ids, expert offsets): a few ints per pair;
+- the routed up-projection's pre-activation [T*k, F'] (sorted): the activation, its derivative
+  and the hidden h are recomputed from it inside the backward kernels, so h is never stored;
+- shared topology: the shared MLP's pre-activation [T, S] and the final norm's input z [T, D];
+- post topology: the middle norm's input [T, d_in], the aggregation MLP's pre-activation [T, S]
+  and the final norm's input [T, D].
+The aux loss is computed outside, in PyTorch, from the returned logits and gate weights; its
+gradient flows back into this Function through them.
+
+The same wiring runs the Triton ops (``KERNELS["triton"]``) or the CUDA C++ extension's ops
+(``KERNELS["cuda"]``, added by ``moe_adapter_kernels.cuda.ops`` when it loads): both sets have
+the same names and signatures.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .config import MoEAdapterConfig
+
+# Op sets by backend name; ``moe_adapter_kernels.ops`` adds "triton" and
+# ``moe_adapter_kernels.cuda.ops`` adds "cuda" when they are imported.
+KERNELS: dict = {}
+
+PARAMS = ("w_gate", "w1", "b1", "w2", "b2", "shared_w1", "shared_b1", "shared_w2", "shared_b2",
+          "norm_in.weight", "norm_in.bias", "norm_mid.weight", "norm_mid.bias",
+          "norm_out.weight", "norm_out.bias")
+
+
+def _norm(kn, x, prm, pos, cfg):
+    """(N(x), mean, rstd) for the norm at ``pos``; identity with empty statistics if off."""
+    kind = cfg.norm_at(pos)
+    if kind == "none":
+        return x, x.new_empty(0), x.new_empty(0)
+    return kn.norm(x, prm[f"norm_{pos}.weight"], prm[f"norm_{pos}.bias"], kind, cfg.norm_eps)
+
+
+def _norm_grad(kn, dy, x, prm, pos, mean, rstd, cfg, grads):
+    """dx of the norm at ``pos``; its weight and bias gradients go into ``grads``."""
+    kind = cfg.norm_at(pos)
+    if kind == "none":
+        return dy
+    w, b = prm[f"norm_{pos}.weight"], prm[f"norm_{pos}.bias"]
+    dx, dw, db = kn.norm_bwd(dy, x, w, b, mean, rstd, kind)
+    grads[f"norm_{pos}.weight"] = dw
+    grads[f"norm_{pos}.bias"] = db if b is not None else None
+    return dx
+
+
+def _shared_mlp(kn, a, prm, cfg, save):
+    """(S(a), pre-activation) of the shared / aggregation MLP."""
+    h, pre = kn.linear(a, prm["shared_w1"], cfg.shared_activation, save, prm["shared_b1"])
+    return kn.linear(h, prm["shared_w2"], "identity", False, prm["shared_b2"])[0], pre
+
+
+def fused_forward(cfg: MoEAdapterConfig, x, prm: dict, save: bool, kernels: str):
+    """The forward pipeline on x [T, d_in] with the ``kernels`` op set. Returns (y, logits,
+    topk_weights, topk_ids, saved) where saved holds what the backward needs (empty when
+    ``save`` is False)."""
+    kn = KERNELS[kernels]
+    k = cfg.top_k
+    u, mean_in, rstd_in = _norm(kn, x, prm, "in", cfg)
+    logits, ids, gates, block_counts = kn.route(u, prm["w_gate"], k)
+    sorted_pair, _, offsets = kn.permute(ids, block_counts, cfg.num_experts)
+    h, pre1 = kn.expert_up(u, prm["w1"], sorted_pair, offsets, k, cfg.expert_activation, save,
+                        prm["b1"])
+    y_pairs = kn.expert_down(h, prm["w2"], sorted_pair, offsets, gates, prm["b2"])
+    del h
+    saved = dict(mean_in=mean_in, rstd_in=rstd_in, ids=ids, gates=gates,
+                 sorted_pair=sorted_pair, offsets=offsets, pre1=pre1)
+    out = cfg.norm_at("out")
+    w_out, b_out = prm["norm_out.weight"], prm["norm_out.bias"]
+    if cfg.topology == "shared":
+        shared, pre_s = (None, None) if not cfg.shared_dim else _shared_mlp(kn, u, prm, cfg,
+                                                                            save)
+        y, mean_out, rstd_out, z = kn.combine(y_pairs, shared, k, out, w_out, b_out, cfg.norm_eps,
+                                           save)
+    else:
+        hm, mean_mid, rstd_mid, zm = kn.combine(y_pairs, None, k, cfg.norm_at("mid"),
+                                             prm["norm_mid.weight"], prm["norm_mid.bias"],
+                                             cfg.norm_eps, save)
+        z, pre_s = _shared_mlp(kn, hm, prm, cfg, save)
+        y, mean_out, rstd_out = _norm(kn, z, prm, "out", cfg)
+        saved.update(zm=zm, mean_mid=mean_mid, rstd_mid=rstd_mid)
+    saved.update(pre_s=pre_s, z=z, mean_out=mean_out, rstd_out=rstd_out)
+    return y, logits, gates, ids, (saved if save else {})
+
+
+def _routed_backward(kn, cfg, dz, u, prm, s, needs, grads, need_u):
+    """Gradients through the routed experts given dz, the gradient of their gate-weighted sum.
+    Fills the experts' entries of ``grads``; returns (du [T, d] fp32 or None, dgates)."""
+    k, act = cfg.top_k, cfg.expert_activation
+    sp, off, gates = s["sorted_pair"], s["offsets"], s["gates"]
+    dpre1, dgates = kn.expert_dact(dz, prm["w2"], s["pre1"], sp, off, gates, k, act)
+    if prm["b2"] is not None:  # each slot's output also carries its expert's b2
+        dgates = dgates + (dz.float() @ prm["b2"].float().t()).gather(1, s["ids"].long())
+    if needs["w2"] or needs["b2"]:
+        grads["w2"], grads["b2"] = kn.weight_grad_op(s["pre1"], dz, off, sp, 0, k,
+                                                  gates.reshape(-1), act, cfg.bias)
+    if needs["w1"] or needs["b1"]:
+        grads["w1"], grads["b1"] = kn.weight_grad_op(u, dpre1, off, sp, k, 0, None, "identity",
+                                                     cfg.bias)
+    du = None
+    if need_u:
+        du = kn.expert_dx(dpre1, prm["w1"], sp, off).view(-1, k, u.shape[1]).sum(
+            1, dtype=torch.float32)
+    return du, dgates
+
+
+def _mlp_backward(kn, dc, a, pre, prm, cfg, needs, grads, need_a):
+    """Gradients of the shared / aggregation MLP c = act(a @ W1 + b1) @ W2 + b2 given dc."""
+    act = cfg.shared_activation
+    dpre = kn.linear_dact(dc, prm["shared_w2"], pre, act)
+    if needs["shared_w2"] or needs["shared_b2"]:
+        grads["shared_w2"], grads["shared_b2"] = kn.weight_grad_op(pre, dc, None, None, 0, 0,
+                                                                   None, act, cfg.bias)
+    if needs["shared_w1"] or needs["shared_b1"]:
+        grads["shared_w1"], grads["shared_b1"] = kn.weight_grad_op(a, dpre, None, None, 0, 0,
+                                                                   None, "identity", cfg.bias)
+    return kn.linear(dpre, prm["shared_w1"].t(), "identity")[0] if need_a else None
+
+
+class MoEAdapterFunction(torch.autograd.Function):
+    """y, logits, topk_weights, topk_ids = MoEAdapterFunction.apply(cfg, kernels, x, *params)
+    with ``kernels`` a key of :data:`KERNELS` and params in the order of :data:`PARAMS` (None
+    where the config has none)."""
+
+    @staticmethod
+    def forward(ctx, cfg, kernels, x, *params):
+        prm = dict(zip(PARAMS, params))
+        y, logits, gates, ids, saved = fused_forward(cfg, x, prm, True, kernels)
+        ctx.cfg, ctx.kernels = cfg, kernels
+        ctx.names = list(saved)
+        ctx.save_for_backward(x, *params, *saved.values())
+        ctx.mark_non_differentiable(ids)
+        return y, logits, gates, ids
+
+    @staticmethod
+    def backward(ctx, dy, dlogits, dgates_aux, _):
+        cfg, kn = ctx.cfg, KERNELS[ctx.kernels]
+        tensors = ctx.saved_tensors
+        x = tensors[0]
+        prm = dict(zip(PARAMS, tensors[1:1 + len(PARAMS)]))
+        s = dict(zip(ctx.names, tensors[1 + len(PARAMS):]))
+        needs = dict(zip(("x",) + PARAMS, ctx.needs_input_grad[2:]))
+        need_u = needs["x"] or needs["norm_in.weight"] or needs["norm_in.bias"]
+        grads = dict.fromkeys(PARAMS)
+        u = _norm(kn, x, prm, "in", cfg)[0]
+
+        dz = _norm_grad(kn, dy.contiguous(), s["z"], prm, "out", s["mean_out"], s["rstd_out"], cfg,
+                        grads)
+        du_shared = None
+        if cfg.topology == "shared":
+            dz_routed = dz
+            if cfg.shared_dim:
+                du_shared = _mlp_backward(kn, dz, u, s["pre_s"], prm, cfg, needs, grads, need_u)
+        else:
+            hm = _norm(kn, s["zm"], prm, "mid", cfg)[0]
+            dhm = _mlp_backward(kn, dz, hm, s["pre_s"], prm, cfg, needs, grads, True)
+            dz_routed = _norm_grad(kn, dhm, s["zm"], prm, "mid", s["mean_mid"], s["rstd_mid"], cfg,
+                                   grads)
+        du, dgates = _routed_backward(kn, cfg, dz_routed.contiguous(), u, prm, s, needs, grads,
+                                      need_u)
+        dgates = dgates + dgates_aux.float()
+
+        # softmax over the k kept logits, then scatter into the E logits (distinct per token)
+        gates = s["gates"]
+        dkept = gates * (dgates - (gates * dgates).sum(-1, keepdim=True))
+        dlogits = dlogits.float().scatter_add(1, s["ids"].long(), dkept)
+        wg = prm["w_gate"]
+        if needs["w_gate"]:
+            grads["w_gate"] = (u.float().t() @ dlogits).to(wg.dtype)
+        dx = None
+        if need_u:
+            du = du + dlogits @ wg.float().t()
+            if du_shared is not None:
+                du = du + du_shared.float()
+            dx = _norm_grad(kn, du, x, prm, "in", s["mean_in"], s["rstd_in"], cfg,
+                            grads).to(x.dtype)
+        return (None, None, dx, *(grads[n] if needs[n] else None for n in PARAMS))
+
+
+def moe_adapter_forward(x: torch.Tensor, p: dict, cfg: MoEAdapterConfig, kernels: str):
+    """MoE-Adapter with a fused op set (``kernels``: ``"triton"`` or ``"cuda"``, see
+    :data:`KERNELS`); same contract as
+    :func:`moe_adapter_kernels.reference.moe_adapter`: (y [T, d_out], routing, L_aux).
+
+    Differentiable through :class:`MoEAdapterFunction` when autograd needs it; under
+    ``torch.no_grad()`` (or with nothing requiring grad) nothing is saved for backward.
+    Parameters are cast to x's dtype (autocast runs fp32 weights in bf16/fp16 this way).
+    """
+    if cfg.router_dtype != "float32":
+        raise ValueError(f"router_dtype={cfg.router_dtype!r} is only supported by the torch "
+                         "backend; the fused router computes in float32")
+    x = x.contiguous()
+    params = [None if p.get(n) is None else p[n].to(x.dtype) for n in PARAMS]
+    if torch.is_grad_enabled() and (x.requires_grad or any(
+            t is not None and t.requires_grad for t in params)):
+        y, logits, gates, ids = MoEAdapterFunction.apply(cfg, kernels, x, *params)
+    else:
+        y, logits, gates, ids, _ = fused_forward(cfg, x, dict(zip(PARAMS, params)), False,
+                                                 kernels)
+    routing = reference.Routing(logits, ids, gates)
+    return y, routing, reference.aux_loss(routing, cfg.num_experts, cfg.aux_loss_variant)
