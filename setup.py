@@ -1,6 +1,8 @@
 """Build script. Installs the pure-Python package everywhere; the CUDA C++ extension in csrc/
-is built only when csrc/ has CUDA sources and a CUDA toolchain plus a CUDA build of torch are
-present (set MOE_ADAPTER_NO_EXT=1 to skip it anyway)."""
+(``moe_adapter_kernels._C``: csrc/ops.cpp and csrc/*.cu) is built only when a CUDA toolchain
+and a CUDA build of torch are present, for sm_80 and sm_90 unless TORCH_CUDA_ARCH_LIST says
+otherwise (set MOE_ADAPTER_NO_EXT=1 to skip it anyway). Where it was not built, the ``cuda``
+backend JIT-builds it on first use from a source checkout."""
 
 import glob
 import os
@@ -27,8 +29,10 @@ def cuda_extension():
               "extension (pure-Python install; the 'cuda' backend will be unavailable)")
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    ext = CUDAExtension("moe_adapter_kernels._C", sources,
-                        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]})
+    print(f"moe-adapter-kernels: building the CUDA extension for sm "
+          f"{os.environ['TORCH_CUDA_ARCH_LIST']} (set TORCH_CUDA_ARCH_LIST to change)")
+    ext = CUDAExtension("moe_adapter_kernels._C", sources, include_dirs=[os.path.abspath("csrc")],
+                        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
     return [ext], {"build_ext": BuildExtension}
 
 

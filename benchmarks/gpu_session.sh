@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # GPU work in as few device calls as possible. Stages (default: all):
+#   build  the CUDA extension (pip install --no-build-isolation -e ., sm_90 unless
+#          TORCH_CUDA_ARCH_LIST says otherwise)
 #   tests  GPU tests and the self-check      tune   tile tuning (commit the JSON it writes)
 #   bench  per-kernel and adapter benchmarks
 # Everything lands under $OUT: session.log, the tuned configs, kernels.json, bench.json/.md.
@@ -9,19 +11,22 @@ OUT=${OUT:-/tmp/moe_out}
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-stages=${*:-tests tune bench}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+stages=${*:-build tests tune bench}
 run() { echo "+ $*" | tee -a "$LOG"; "$@" 2>&1 | tee -a "$LOG"; }
 run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 run python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 for stage in $stages; do
   case $stage in
-    tests) run python -m pytest -m gpu -q -x tests/test_gpu.py
+    build) run pip install --no-build-isolation --no-deps -e .
+           run python -c "from moe_adapter_kernels import backends; print(backends.status('cuda'))" ;;
+    tests) run python -m pytest -m gpu -q -rf tests/test_gpu.py
            run python -m moe_adapter_kernels.cli check --dtype float32 float16 bfloat16 ;;
     tune)  run python -m benchmarks.tune
            cp moe_adapter_kernels/ops/tuned/*.json "$OUT/" 2>/dev/null ;;
     bench) run python -m benchmarks.kernels --json "$OUT/kernels.json"
            run python -m moe_adapter_kernels.cli bench --json "$OUT/bench.json" \
                --markdown "$OUT/bench.md" ;;
-    *) echo "unknown stage $stage (tests, tune, bench)"; exit 2 ;;
+    *) echo "unknown stage $stage (build, tests, tune, bench)"; exit 2 ;;
   esac
 done

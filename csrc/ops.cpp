@@ -1,4 +1,5 @@
-// Torch launchers for the CUDA kernels: argument checks with clear errors, output
+// Torch launchers for the CUDA kernels: argument checks with clear errors (ValueError for
+// shapes and values, TypeError for dtypes, as the Triton ops raise), output
 // allocation, and registration as torch ops (namespace moe_adapter_cuda) so the module and
 // torch.compile can call them. Same signatures and semantics as the Triton ops in
 // moe_adapter_kernels/ops/ (see their docstrings for shapes). Built for CUDA tensors, or for
@@ -54,18 +55,18 @@ moe::DType dtype_of(const Tensor& t, const char* op, const char* name) {
 
 // A tensor of `dim` dims on the kernels' device, contiguous in its last dim (`contig`: fully).
 void check(const Tensor& t, const char* op, const char* name, int64_t dim, bool contig = true) {
-  TORCH_CHECK(t.device().type() == kDevice, "moe_adapter_cuda.", op, ": ", name, " is on ",
+  TORCH_CHECK_VALUE(t.device().type() == kDevice, "moe_adapter_cuda.", op, ": ", name, " is on ",
               t.device(), "; expected a ", kDeviceName, " tensor");
-  TORCH_CHECK(t.dim() == dim, "moe_adapter_cuda.", op, ": ", name, " must have ", dim,
-              " dims, got shape ", t.sizes());
-  TORCH_CHECK(!contig || t.is_contiguous(), "moe_adapter_cuda.", op, ": ", name,
+  TORCH_CHECK_VALUE(t.dim() == dim, "moe_adapter_cuda.", op, ": ", name, " must be a ", dim,
+                    "-dim tensor, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(!contig || t.is_contiguous(), "moe_adapter_cuda.", op, ": ", name,
               " must be contiguous (call .contiguous())");
 }
 
 void check_same(const Tensor& t, const Tensor& like, const char* op, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), "moe_adapter_cuda.", op, ": ", name,
                    " has dtype ", t.scalar_type(), ", expected ", like.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), "moe_adapter_cuda.", op, ": ", name, " is on ",
+  TORCH_CHECK_VALUE(t.device() == like.device(), "moe_adapter_cuda.", op, ": ", name, " is on ",
               t.device(), ", expected ", like.device());
 }
 
@@ -73,7 +74,7 @@ void check_int(const Tensor& t, const Tensor& like, const char* op, const char* 
   check(t, op, name, 1);
   TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, "moe_adapter_cuda.", op, ": ", name,
                    " must be int32, got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), "moe_adapter_cuda.", op, ": ", name, " is on ",
+  TORCH_CHECK_VALUE(t.device() == like.device(), "moe_adapter_cuda.", op, ": ", name, " is on ",
               t.device(), ", expected ", like.device());
 }
 
@@ -82,7 +83,7 @@ const float* f32_ptr(const OptTensor& t, const Tensor& like, const char* op, con
   check(*t, op, name, 1);
   TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "moe_adapter_cuda.", op, ": ", name,
                    " must be float32, got ", t->scalar_type());
-  TORCH_CHECK(t->device() == like.device(), "moe_adapter_cuda.", op, ": ", name, " is on ",
+  TORCH_CHECK_VALUE(t->device() == like.device(), "moe_adapter_cuda.", op, ": ", name, " is on ",
               t->device(), ", expected ", like.device());
   return t->data_ptr<float>();
 }
@@ -92,7 +93,7 @@ moe::Act act_of(c10::string_view name, const char* op) {
   if (name == "silu") return moe::kSilu;
   if (name == "swiglu") return moe::kSwiglu;
   if (name == "gelu") return moe::kGelu;
-  TORCH_CHECK(false, "moe_adapter_cuda.", op, ": unknown activation '", std::string(name),
+  TORCH_CHECK_VALUE(false, "moe_adapter_cuda.", op, ": unknown activation '", std::string(name),
               "'; expected none, identity, silu, swiglu or gelu");
   return moe::kIdentity;
 }
@@ -100,7 +101,7 @@ moe::Act act_of(c10::string_view name, const char* op) {
 int norm_of(c10::string_view name, const char* op, bool allow_none) {
   if (name == "layernorm") return 0;
   if (name == "rmsnorm") return 1;
-  TORCH_CHECK(allow_none && name == "none", "moe_adapter_cuda.", op, ": unknown norm '",
+  TORCH_CHECK_VALUE(allow_none && name == "none", "moe_adapter_cuda.", op, ": unknown norm '",
               std::string(name), "'; expected layernorm or rmsnorm", allow_none ? " or none" : "");
   return -1;
 }
@@ -138,12 +139,12 @@ Tensors4 route(const Tensor& u, const Tensor& w_gate, int64_t top_k) {
   check(w_gate, op, "w_gate", 2);
   check_same(w_gate, u, op, "w_gate");
   const int64_t T = u.size(0), d = u.size(1), E = w_gate.size(1);
-  TORCH_CHECK(w_gate.size(0) == d, "moe_adapter_cuda.route: w_gate must be [", d, ", E], got ",
+  TORCH_CHECK_VALUE(w_gate.size(0) == d, "moe_adapter_cuda.route: w_gate must be [", d, ", E], got ",
               w_gate.sizes());
-  TORCH_CHECK(1 <= E && E <= 256, "moe_adapter_cuda.route: supports 1 to 256 experts, got ", E);
-  TORCH_CHECK(1 <= top_k && top_k <= E, "moe_adapter_cuda.route: top_k must be in [1, ", E,
+  TORCH_CHECK_VALUE(1 <= E && E <= 256, "moe_adapter_cuda.route: supports 1 to 256 experts, got ", E);
+  TORCH_CHECK_VALUE(1 <= top_k && top_k <= E, "moe_adapter_cuda.route: top_k must be in [1, ", E,
               "], got ", top_k);
-  TORCH_CHECK(T * top_k < (int64_t(1) << 31), "moe_adapter_cuda.route: T * top_k must be < 2^31");
+  TORCH_CHECK_VALUE(T * top_k < (int64_t(1) << 31), "moe_adapter_cuda.route: T * top_k must be < 2^31");
   DEVICE_GUARD(u);
   const auto opt = u.options();
   const int64_t nb = (T + moe::kRouterTokens - 1) / moe::kRouterTokens;
@@ -169,7 +170,7 @@ Tensors3 permute(const Tensor& topk_ids, const Tensor& block_counts, int64_t num
                    "moe_adapter_cuda.permute: topk_ids and block_counts must be int32");
   const int64_t T = topk_ids.size(0), k = topk_ids.size(1), E = num_experts;
   const int64_t nb = (T + moe::kRouterTokens - 1) / moe::kRouterTokens;
-  TORCH_CHECK(block_counts.size(0) == nb && block_counts.size(1) == E,
+  TORCH_CHECK_VALUE(block_counts.size(0) == nb && block_counts.size(1) == E,
               "moe_adapter_cuda.permute: block_counts must be [", nb, ", ", E, "], got ",
               block_counts.sizes());
   DEVICE_GUARD(topk_ids);
@@ -196,14 +197,14 @@ int64_t check_gemm(const char* op, const Tensor& a, const Tensor& b, const OptTe
   const bool grouped = offsets.has_value();
   check(b, op, "b", grouped ? 3 : 2, false);
   check_same(b, a, op, "b");
-  TORCH_CHECK(b.size(-2) == a.size(1), "moe_adapter_cuda.", op, ": b's reduction dim is ",
+  TORCH_CHECK_VALUE(b.size(-2) == a.size(1), "moe_adapter_cuda.", op, ": b's reduction dim is ",
               b.size(-2), ", a has K=", a.size(1));
-  TORCH_CHECK(!needs_pairs || pair_ids, "moe_adapter_cuda.", op,
+  TORCH_CHECK_VALUE(!needs_pairs || pair_ids, "moe_adapter_cuda.", op,
               ": gather/scatter/scale/grouped need pair_ids");
   if (pair_ids) check_int(*pair_ids, a, op, "pair_ids");
   if (!grouped) return 0;
   check_int(*offsets, a, op, "offsets");
-  TORCH_CHECK(offsets->size(0) == b.size(0) + 1, "moe_adapter_cuda.", op,
+  TORCH_CHECK_VALUE(offsets->size(0) == b.size(0) + 1, "moe_adapter_cuda.", op,
               ": offsets must have G+1 entries");
   return b.size(0);
 }
@@ -217,13 +218,13 @@ Tensors2 grouped_gemm(const Tensor& a, const Tensor& b, const OptTensor& offsets
                                offsets || gather_div > 0 || scatter || scale);
   const moe::Act act = act_of(activation, op);
   const int64_t Nb = b.size(-1), N = act == moe::kSwiglu ? Nb / 2 : Nb;
-  TORCH_CHECK(act != moe::kSwiglu || Nb % 2 == 0, "moe_adapter_cuda.grouped_gemm: a swiglu "
+  TORCH_CHECK_VALUE(act != moe::kSwiglu || Nb % 2 == 0, "moe_adapter_cuda.grouped_gemm: a swiglu "
               "weight needs an even number of columns, got ", Nb);
   const int64_t M = G ? pair_ids->size(0) : a.size(0);
   if (bias) {
     check(*bias, op, "bias", G ? 2 : 1);
     check_same(*bias, a, op, "bias");
-    TORCH_CHECK(bias->size(-1) == Nb, "moe_adapter_cuda.grouped_gemm: bias must have ", Nb,
+    TORCH_CHECK_VALUE(bias->size(-1) == Nb, "moe_adapter_cuda.grouped_gemm: bias must have ", Nb,
                 " columns, got ", bias->sizes());
   }
   DEVICE_GUARD(a);
@@ -262,7 +263,7 @@ Tensors2 grouped_dact(const Tensor& dc, const Tensor& w, const Tensor& preact,
   const int64_t F = wt.size(-1);
   check(preact, op, "preact", 2);
   check_same(preact, dc, op, "preact");
-  TORCH_CHECK(preact.size(1) == (act == moe::kSwiglu ? 2 * F : F), "moe_adapter_cuda.",
+  TORCH_CHECK_VALUE(preact.size(1) == (act == moe::kSwiglu ? 2 * F : F), "moe_adapter_cuda.",
               op, ": preact has ", preact.size(1), " columns for activation ",
               std::string(activation), " and F=", F);
   const int64_t M = preact.size(0);
@@ -306,10 +307,10 @@ Tensors2 weight_grad(const Tensor& a, const Tensor& b, const OptTensor& offsets,
   const int64_t G = offsets ? offsets->size(0) - 1 : 0;
   if (offsets) check_int(*offsets, a, op, "offsets");
   if (pair_ids) check_int(*pair_ids, a, op, "pair_ids");
-  TORCH_CHECK(pair_ids || (!offsets && a_gather_div == 0 && b_gather_div == 0 && !scale),
+  TORCH_CHECK_VALUE(pair_ids || (!offsets && a_gather_div == 0 && b_gather_div == 0 && !scale),
               "moe_adapter_cuda.weight_grad: grouped rows, gathers and scale need pair_ids");
   const int64_t M = pair_ids ? pair_ids->size(0) : a.size(0);
-  TORCH_CHECK(pair_ids || b.size(0) == M, "moe_adapter_cuda.weight_grad: a has ", M,
+  TORCH_CHECK_VALUE(pair_ids || b.size(0) == M, "moe_adapter_cuda.weight_grad: a has ", M,
               " rows, b has ", b.size(0));
   DEVICE_GUARD(a);
   std::vector<int64_t> shape = G ? std::vector<int64_t>{G, KA, NB} : std::vector<int64_t>{KA, NB};
@@ -343,7 +344,7 @@ void check_affine(const OptTensor& p, const Tensor& x, int64_t N, const char* op
   if (!p) return;
   check(*p, op, name, 1);
   check_same(*p, x, op, name);
-  TORCH_CHECK(p->size(0) == N, "moe_adapter_cuda.", op, ": ", name, " must have ", N,
+  TORCH_CHECK_VALUE(p->size(0) == N, "moe_adapter_cuda.", op, ": ", name, " must have ", N,
               " elements, got ", p->size(0));
 }
 
@@ -354,12 +355,12 @@ Tensors4 norm_rows(const char* op, const Tensor& x, const OptTensor& shared, int
   check(x, op, "x", 2);
   const int64_t N = x.size(1);
   const int64_t T = k ? x.size(0) / k : x.size(0);
-  TORCH_CHECK(!k || x.size(0) % k == 0, "moe_adapter_cuda.", op, ": y_pairs has ", x.size(0),
+  TORCH_CHECK_VALUE(!k || x.size(0) % k == 0, "moe_adapter_cuda.", op, ": y_pairs has ", x.size(0),
               " rows, not a multiple of k=", k);
   if (shared) {
     check(*shared, op, "shared", 2);
     check_same(*shared, x, op, "shared");
-    TORCH_CHECK(shared->size(0) == T && shared->size(1) == N, "moe_adapter_cuda.", op,
+    TORCH_CHECK_VALUE(shared->size(0) == T && shared->size(1) == N, "moe_adapter_cuda.", op,
                 ": shared must be [", T, ", ", N, "], got ", shared->sizes());
   }
   check_affine(weight, x, N, op, "weight");
@@ -390,7 +391,7 @@ Tensors3 norm(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
 Tensors4 combine(const Tensor& y_pairs, const OptTensor& shared, int64_t top_k,
                  c10::string_view norm, const OptTensor& weight, const OptTensor& bias,
                  double eps, bool save_sum) {
-  TORCH_CHECK(top_k >= 1, "moe_adapter_cuda.combine: top_k must be >= 1, got ", top_k);
+  TORCH_CHECK_VALUE(top_k >= 1, "moe_adapter_cuda.combine: top_k must be >= 1, got ", top_k);
   return norm_rows("combine", y_pairs, shared, top_k, norm_of(norm, "combine", true), weight,
                    bias, eps, save_sum);
 }
@@ -401,7 +402,7 @@ Tensors3 norm_backward(const Tensor& dy, const Tensor& x, const OptTensor& weigh
   const char* op = "norm_backward";
   check(dy, op, "dy", 2);
   check(x, op, "x", 2);
-  TORCH_CHECK(dy.sizes() == x.sizes(), "moe_adapter_cuda.norm_backward: dy ", dy.sizes(),
+  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), "moe_adapter_cuda.norm_backward: dy ", dy.sizes(),
               " != x ", x.sizes());
   const int64_t T = x.size(0), N = x.size(1);
   check_affine(weight, x, N, op, "weight");

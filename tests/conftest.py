@@ -4,8 +4,20 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # Run the Triton kernels on the CPU through the interpreter (must precede any triton import).
+    # Run the Triton kernels on the CPU through the interpreter (must precede any triton import)
+    # and the CUDA C++ kernels through their CPU emulator.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("MOE_ADAPTER_CUDA_EMULATE", "1")
+
+FUSED_BACKENDS = ("triton", "cuda")
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def backend(request):
+    """Each fused backend in turn (see helpers.require_fused for when one is skipped)."""
+    from helpers import require_fused
+    require_fused(request.param)
+    return request.param
 
 
 def pytest_collection_modifyitems(config, items):
@@ -19,8 +31,17 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def poison(monkeypatch):
-    """Make torch.empty / empty_like return NaN (floats) or -7 (ints), so any output element a
-    kernel forgets to write shows up."""
+    """Make torch.empty / empty_like (and the CUDA extension's allocations, when it is loaded)
+    return NaN (floats) or -7 (ints), so any output element a kernel forgets to write shows."""
+    from moe_adapter_kernels import cuda
+    ext = None
+    if cuda.emulating() or torch.cuda.is_available():
+        try:
+            ext = cuda.load()
+        except RuntimeError:  # not buildable here: the backend fixture reports it
+            pass
+    if ext is not None:
+        ext.set_poison(True)
     empty, empty_like = torch.empty, torch.empty_like
 
     def fill(t):
@@ -28,3 +49,6 @@ def poison(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+    yield
+    if ext is not None:
+        ext.set_poison(False)

@@ -23,6 +23,22 @@ VARIANTS = {
 }
 
 
+def require_fused(name: str) -> None:
+    """Skip when Triton does not import; for the CUDA extension, skip only where it is not
+    meant to run (no GPU and no emulator) and fail where its build fails, so a broken build
+    cannot hide behind a skip."""
+    import pytest
+
+    if name == "triton":
+        pytest.importorskip("triton")
+        return
+    from moe_adapter_kernels import cuda
+    if not cuda.emulating() and not torch.cuda.is_available():
+        pytest.skip("the cuda backend needs a GPU or MOE_ADAPTER_CUDA_EMULATE=1")
+    ok, why = cuda.status()
+    assert ok, why
+
+
 def small_config(**kw) -> MoEAdapterConfig:
     """A small config with odd sizes (partial tiles everywhere)."""
     base = dict(d_in=72, d_out=40, num_experts=8, top_k=4, expert_dim=24, shared_dim=56)

@@ -5,7 +5,7 @@ import torch
 
 from moe_adapter_kernels import MoEAdapter
 
-from helpers import DEVICE, rel_err, small_config
+from helpers import DEVICE, rel_err, require_fused, small_config
 
 
 def run(fn, model, x, dy):
@@ -19,10 +19,10 @@ def run(fn, model, x, dy):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_fullgraph_compile_matches_eager(backend):
-    if backend == "triton":
-        pytest.importorskip("triton")
+    if backend != "torch":
+        require_fused(backend)
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = MoEAdapter(small_config(bias=True), backend=backend).to(DEVICE)

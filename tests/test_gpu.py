@@ -1,5 +1,6 @@
-"""GPU checks of the Triton backend (marked ``gpu``; skipped without CUDA). Run on a device with
-``python -m pytest -m gpu -q`` (see benchmarks/gpu_session.sh)."""
+"""GPU checks of the fused backends (``triton`` and ``cuda``, the ``backend`` fixture; marked
+``gpu``, skipped without CUDA). Run on a device with ``python -m pytest -m gpu -q`` (see
+benchmarks/gpu_session.sh)."""
 
 import pytest
 import torch
@@ -12,14 +13,14 @@ pytestmark = pytest.mark.gpu
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
-def pair(cfg, dtype, seed=0):
+def pair(cfg, dtype, backend, seed=0):
     torch.manual_seed(seed)
     ref = MoEAdapter(cfg, backend="torch").cuda().to(dtype)
     with torch.no_grad():  # non-trivial norm affine parameters
         for p in ref.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
-    tri = MoEAdapter(cfg, backend="triton").cuda().to(dtype)
+    tri = MoEAdapter(cfg, backend=backend).cuda().to(dtype)
     tri.load_state_dict(ref.state_dict())
     return ref, tri
 
@@ -42,9 +43,9 @@ def routed_rows_agree(ref, tri):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("preset", ["paper", "post-swiglu", "16c4", "8c1"])
 @pytest.mark.parametrize("T", [1, 777, 8192])
-def test_paper_sizes_forward_backward(preset, dtype, T):
+def test_paper_sizes_forward_backward(preset, dtype, T, backend):
     cfg = MoEAdapterConfig.preset(preset)
-    ref, tri = pair(cfg, dtype)
+    ref, tri = pair(cfg, dtype, backend)
     x = torch.randn(T, cfg.d_in, device="cuda", dtype=dtype)
     dy = torch.randn(T, cfg.d_out, device="cuda")
     g_ref, g_tri = grads(ref, x, dy), grads(tri, x, dy)
@@ -54,17 +55,17 @@ def test_paper_sizes_forward_backward(preset, dtype, T):
 
 
 @pytest.mark.parametrize("T", [32768, 65536])
-def test_large_token_counts_bf16(T):
+def test_large_token_counts_bf16(T, backend):
     cfg = MoEAdapterConfig.paper()
-    ref, tri = pair(cfg, torch.bfloat16)
+    ref, tri = pair(cfg, torch.bfloat16, backend)
     x = torch.randn(T, cfg.d_in, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         assert rel_err(tri(x), ref(x)) < TOL[torch.bfloat16]
 
 
-def test_no_host_sync_forward_and_backward():
+def test_no_host_sync_forward_and_backward(backend):
     cfg = MoEAdapterConfig.paper()
-    _, tri = pair(cfg, torch.bfloat16)
+    _, tri = pair(cfg, torch.bfloat16, backend)
     x = torch.randn(4096, cfg.d_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(4096, cfg.d_out, device="cuda", dtype=torch.bfloat16)
     grads(tri, x.detach(), dy.float())  # compile every kernel first
@@ -77,10 +78,10 @@ def test_no_host_sync_forward_and_backward():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_cuda_graph_training_step_replays_with_new_inputs():
+def test_cuda_graph_training_step_replays_with_new_inputs(backend):
     cfg = MoEAdapterConfig.paper()
-    _, tri = pair(cfg, torch.bfloat16)
-    eager_model = MoEAdapter(cfg, backend="triton").cuda().bfloat16()
+    _, tri = pair(cfg, torch.bfloat16, backend)
+    eager_model = MoEAdapter(cfg, backend=backend).cuda().bfloat16()
     eager_model.load_state_dict(tri.state_dict())
     T = 2048
     static_x = torch.randn(T, cfg.d_in, device="cuda", dtype=torch.bfloat16)
@@ -110,20 +111,20 @@ def test_cuda_graph_training_step_replays_with_new_inputs():
             assert torch.equal(p.grad, eager[name]), name
 
 
-def test_bitwise_deterministic_forward_and_backward():
+def test_bitwise_deterministic_forward_and_backward(backend):
     cfg = MoEAdapterConfig.paper()
-    _, tri = pair(cfg, torch.bfloat16)
+    _, tri = pair(cfg, torch.bfloat16, backend)
     x = torch.randn(8192, cfg.d_in, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(8192, cfg.d_out, device="cuda")
     a, b = grads(tri, x, dy), grads(tri, x, dy)
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_more_than_2_31_elements_in_the_pair_gather():
+def test_more_than_2_31_elements_in_the_pair_gather(backend):
     """T * k * d_in > 2^31: 64-bit offsets in every gather/scatter."""
     cfg = MoEAdapterConfig.paper()
     T = 2**31 // (cfg.top_k * cfg.d_in) + 1000
-    _, tri = pair(cfg, torch.bfloat16)
+    _, tri = pair(cfg, torch.bfloat16, backend)
     x = torch.randn(T, cfg.d_in, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         y = tri(x)
@@ -134,17 +135,17 @@ def test_more_than_2_31_elements_in_the_pair_gather():
     assert rel_err(y[-512:], y_tail) < TOL[torch.bfloat16]
 
 
-def test_training_run_tracks_the_reference():
-    """200 AdamW steps on a synthetic regression with clustered tokens: the Triton loss curve
-    stays within 5% of the reference backend's."""
+def test_training_run_tracks_the_reference(backend):
+    """200 AdamW steps on a synthetic regression with clustered tokens: the fused backend's
+    loss curve stays within 5% of the reference backend's."""
     cfg = MoEAdapterConfig.paper(d_in=256, d_out=128, expert_dim=128, shared_dim=512)
     torch.manual_seed(0)
     centers = torch.randn(6, cfg.d_in, device="cuda") * 3
     target_map = torch.randn(cfg.d_in, cfg.d_out, device="cuda") / cfg.d_in ** 0.5
     curves = {}
-    for backend in ("torch", "triton"):
+    for name in ("torch", backend):
         torch.manual_seed(1)
-        model = MoEAdapter(cfg, backend=backend).cuda()
+        model = MoEAdapter(cfg, backend=name).cuda()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         gen = torch.Generator(device="cuda").manual_seed(2)
         losses = []
@@ -159,15 +160,15 @@ def test_training_run_tracks_the_reference():
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        curves[backend] = torch.tensor(losses)
-    assert curves["triton"][-20:].mean() < 0.5 * curves["triton"][:20].mean()  # it learns
-    rel = (curves["triton"] - curves["torch"]).abs() / curves["torch"]
+        curves[name] = torch.tensor(losses)
+    assert curves[backend][-20:].mean() < 0.5 * curves[backend][:20].mean()  # it learns
+    rel = (curves[backend] - curves["torch"]).abs() / curves["torch"]
     assert rel[-50:].mean() < 0.05
 
 
 def test_fullgraph_compile_triton_bf16():
     cfg = MoEAdapterConfig.paper()
-    _, tri = pair(cfg, torch.bfloat16)
+    _, tri = pair(cfg, torch.bfloat16, "triton")
     compiled = torch.compile(tri, fullgraph=True)
     x = torch.randn(4096, cfg.d_in, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
@@ -196,3 +197,19 @@ def test_swapped_tiny_qwen2_audio_trains_with_triton_bf16():
         losses.append(loss.item())
     assert adapter.backend_used == "triton"
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_and_cuda_backends_agree(dtype):
+    """The two independent implementations cross-check each other at the paper's sizes."""
+    pytest.importorskip("triton")
+    cfg = MoEAdapterConfig.paper()
+    _, tri = pair(cfg, dtype, "triton")
+    cu = MoEAdapter(cfg, backend="cuda").cuda().to(dtype)
+    cu.load_state_dict(tri.state_dict())
+    x = torch.randn(4099, cfg.d_in, device="cuda", dtype=dtype)
+    dy = torch.randn(4099, cfg.d_out, device="cuda")
+    g_tri, g_cu = grads(tri, x, dy), grads(cu, x, dy)
+    assert routed_rows_agree(tri, cu).float().mean() > 0.99
+    for name in g_tri:
+        assert rel_err(g_cu[name], g_tri[name]) < TOL[dtype] * (3 if name != "y" else 1), name

@@ -1,12 +1,12 @@
-"""Gradients of MoEAdapter(backend="triton") against the torch backend's autograd.
+"""Gradients of MoEAdapter with each fused backend (``triton``, ``cuda``; the ``backend``
+fixture) against the torch backend's autograd.
 
-Without a GPU this runs under TRITON_INTERPRET=1 (fp32 and fp16, small odd shapes).
+Without a GPU the Triton kernels run under TRITON_INTERPRET=1 and the CUDA kernels under the
+CPU emulator (fp32 and fp16, small odd shapes).
 """
 
 import pytest
 import torch
-
-pytest.importorskip("triton")
 
 from moe_adapter_kernels import MoEAdapter  # noqa: E402
 
@@ -21,7 +21,7 @@ CONFIGS = dict(VARIANTS, **{
 })
 
 
-def make_pair(cfg, dtype=torch.float32, seed=0):
+def make_pair(cfg, backend, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     ref = MoEAdapter(cfg, backend="torch")
     with torch.no_grad():  # non-trivial norm affine parameters
@@ -29,9 +29,9 @@ def make_pair(cfg, dtype=torch.float32, seed=0):
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     ref = ref.to(DEVICE, dtype)
-    tri = MoEAdapter(cfg, backend="triton").to(DEVICE, dtype)
-    tri.load_state_dict(ref.state_dict())
-    return ref, tri
+    fused = MoEAdapter(cfg, backend=backend).to(DEVICE, dtype)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
 
 
 def run(model, x, dy, x_grad=True):
@@ -41,9 +41,9 @@ def run(model, x, dy, x_grad=True):
     return y, xi.grad, {n: p.grad for n, p in model.named_parameters()}
 
 
-def assert_grads_match(ref, tri, x, dy, tol, x_grad=True):
+def assert_grads_match(ref, fused, x, dy, tol, x_grad=True):
     y_r, dx_r, g_r = run(ref, x, dy, x_grad)
-    y_t, dx_t, g_t = run(tri, x, dy, x_grad)
+    y_t, dx_t, g_t = run(fused, x, dy, x_grad)
     assert rel_err(y_t, y_r) < tol
     if x_grad:
         assert dx_t.dtype == x.dtype and rel_err(dx_t, dx_r) < tol
@@ -58,97 +58,97 @@ def assert_grads_match(ref, tri, x, dy, tol, x_grad=True):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_gradients_match_reference(name, dtype):
+def test_gradients_match_reference(name, dtype, backend):
     cfg = small_config(**CONFIGS[name])
-    ref, tri = make_pair(cfg, dtype)
+    ref, fused = make_pair(cfg, backend, dtype)
     x = torch.randn(61, cfg.d_in, device=DEVICE, dtype=dtype)
     dy = torch.randn(61, cfg.d_out, device=DEVICE)
-    assert_grads_match(ref, tri, x, dy, TOL[dtype])
+    assert_grads_match(ref, fused, x, dy, TOL[dtype])
 
 
 @pytest.mark.parametrize("T", [1, 2])
-def test_gradients_tiny_batches(T):
+def test_gradients_tiny_batches(T, backend):
     cfg = small_config()
-    ref, tri = make_pair(cfg)
-    assert_grads_match(ref, tri, torch.randn(T, cfg.d_in, device=DEVICE),
+    ref, fused = make_pair(cfg, backend)
+    assert_grads_match(ref, fused, torch.randn(T, cfg.d_in, device=DEVICE),
                        torch.randn(T, cfg.d_out, device=DEVICE), TOL[torch.float32])
 
 
-def test_empty_batch_backward():
-    _, tri = make_pair(small_config())
+def test_empty_batch_backward(backend):
+    _, fused = make_pair(small_config(), backend)
     x = torch.randn(0, 72, device=DEVICE, requires_grad=True)
-    y = tri(x)
-    (y.sum() + tri.aux_loss).backward()
+    y = fused(x)
+    (y.sum() + fused.aux_loss).backward()
     assert x.grad.shape == (0, 72)
-    assert all(p.grad is not None and not p.grad.any() for p in tri.parameters())
+    assert all(p.grad is not None and not p.grad.any() for p in fused.parameters())
 
 
 @pytest.mark.parametrize("live", [[3], [0, 1, 6]])
-def test_empty_experts_get_exact_zero_gradients(live):
+def test_empty_experts_get_exact_zero_gradients(live, backend):
     cfg = small_config(top_k=len(live))
-    ref, tri = make_pair(cfg)
+    ref, fused = make_pair(cfg, backend)
     force_routing(ref, live)
-    tri.load_state_dict(ref.state_dict())
+    fused.load_state_dict(ref.state_dict())
     x = torch.randn(40, cfg.d_in, device=DEVICE)
-    grads = assert_grads_match(ref, tri, x, torch.randn(40, cfg.d_out, device=DEVICE),
+    grads = assert_grads_match(ref, fused, x, torch.randn(40, cfg.d_out, device=DEVICE),
                                TOL[torch.float32])
     for e in range(cfg.num_experts):
         zero = not grads["w1"][e].any() and not grads["w2"][e].any()
         assert zero == (e not in live), e
 
 
-def test_backward_is_bitwise_deterministic():
+def test_backward_is_bitwise_deterministic(backend):
     cfg = small_config()
-    _, tri = make_pair(cfg)
+    _, fused = make_pair(cfg, backend)
     x = torch.randn(57, cfg.d_in, device=DEVICE)
     dy = torch.randn(57, cfg.d_out, device=DEVICE)
-    first = run(tri, x, dy)
-    tri.zero_grad(set_to_none=True)
-    second = run(tri, x, dy)
+    first = run(fused, x, dy)
+    fused.zero_grad(set_to_none=True)
+    second = run(fused, x, dy)
     assert torch.equal(first[1], second[1])
     assert all(torch.equal(first[2][n], second[2][n]) for n in first[2])
 
 
-def test_input_without_grad_and_frozen_weights():
+def test_input_without_grad_and_frozen_weights(backend):
     cfg = small_config()
-    ref, tri = make_pair(cfg)
-    for m in (ref, tri):
+    ref, fused = make_pair(cfg, backend)
+    for m in (ref, fused):
         m.w1.requires_grad_(False)
         m.norm_in.weight.requires_grad_(False)
     x = torch.randn(30, cfg.d_in, device=DEVICE)
-    grads = assert_grads_match(ref, tri, x, torch.randn(30, cfg.d_out, device=DEVICE),
+    grads = assert_grads_match(ref, fused, x, torch.randn(30, cfg.d_out, device=DEVICE),
                                TOL[torch.float32], x_grad=False)
     assert grads["w1"] is None and grads["norm_in.weight"] is None
     assert grads["w2"] is not None and grads["w_gate"] is not None
 
 
-def test_gradient_accumulation_over_micro_batches():
+def test_gradient_accumulation_over_micro_batches(backend):
     cfg = small_config()
-    _, tri = make_pair(cfg)
+    _, fused = make_pair(cfg, backend)
     xs = [torch.randn(n, cfg.d_in, device=DEVICE) for n in (19, 26)]
     dys = [torch.randn(x.shape[0], cfg.d_out, device=DEVICE) for x in xs]
     separate = []
     for x, dy in zip(xs, dys):
-        tri.zero_grad(set_to_none=True)
-        separate.append(run(tri, x, dy)[2])
-    tri.zero_grad(set_to_none=True)
+        fused.zero_grad(set_to_none=True)
+        separate.append(run(fused, x, dy)[2])
+    fused.zero_grad(set_to_none=True)
     for x, dy in zip(xs, dys):
-        run(tri, x, dy)
-    for name, p in tri.named_parameters():
+        run(fused, x, dy)
+    for name, p in fused.named_parameters():
         assert torch.allclose(p.grad, separate[0][name] + separate[1][name], rtol=1e-5,
                               atol=1e-7), name
 
 
-def test_autocast_matches_the_reference_under_autocast():
+def test_autocast_matches_the_reference_under_autocast(backend):
     cfg = small_config()
-    ref, tri = make_pair(cfg)
+    ref, fused = make_pair(cfg, backend)
     with torch.no_grad():
         ref.w_gate.mul_(20)  # well-separated logits: no routing flips from bf16 rounding
-    tri.load_state_dict(ref.state_dict())
+    fused.load_state_dict(ref.state_dict())
     x = torch.randn(33, cfg.d_in, device=DEVICE)
     dy = torch.randn(33, cfg.d_out, device=DEVICE)
     out = []
-    for m in (ref, tri):
+    for m in (ref, fused):
         xi = x.clone().requires_grad_(True)
         with torch.autocast(DEVICE, dtype=torch.bfloat16):
             y = m(xi)
@@ -161,23 +161,23 @@ def test_autocast_matches_the_reference_under_autocast():
 
 
 @pytest.mark.filterwarnings("ignore:Input #")
-def test_gradcheck_tiny():
+def test_gradcheck_tiny(backend):
     cfg = small_config(d_in=8, d_out=6, num_experts=4, top_k=2, expert_dim=5, shared_dim=7)
-    _, tri = make_pair(cfg)
-    names = [n for n, _ in tri.named_parameters()]
+    _, fused = make_pair(cfg, backend)
+    names = [n for n, _ in fused.named_parameters()]
     x = torch.randn(5, 8, device=DEVICE, requires_grad=True)
 
     def f(x, *params):
-        out = torch.func.functional_call(tri, dict(zip(names, params)), (x,))
-        return out, tri.aux_loss
+        out = torch.func.functional_call(fused, dict(zip(names, params)), (x,))
+        return out, fused.aux_loss
 
-    params = tuple(p.detach().clone().requires_grad_(True) for p in tri.parameters())
+    params = tuple(p.detach().clone().requires_grad_(True) for p in fused.parameters())
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-3, atol=2e-3, rtol=2e-2,
                                     nondet_tol=0.0, fast_mode=True)
 
 
-def test_short_training_run_tracks_the_reference():
-    """40 AdamW steps on a regression over heterogeneous token clusters: the Triton backend's
+def test_short_training_run_tracks_the_reference(backend):
+    """40 AdamW steps on a regression over heterogeneous token clusters: the fused backend's
     loss curve tracks the reference backend's (fp32, interpreter-sized)."""
     cfg = small_config(d_in=32, d_out=24, expert_dim=16, shared_dim=32)
     gen = torch.Generator().manual_seed(0)
@@ -189,9 +189,9 @@ def test_short_training_run_tracks_the_reference():
         x = centers[c] + torch.randn(48, cfg.d_in, generator=gen)
         data.append((x.to(DEVICE), torch.tanh(x @ target_map).to(DEVICE)))
     curves = {}
-    for backend in ("torch", "triton"):
+    for name in ("torch", backend):
         torch.manual_seed(1)
-        model = MoEAdapter(cfg, backend=backend).to(DEVICE)
+        model = MoEAdapter(cfg, backend=name).to(DEVICE)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         losses = []
         for x, target in data:
@@ -200,6 +200,6 @@ def test_short_training_run_tracks_the_reference():
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        curves[backend] = torch.tensor(losses)
-    assert curves["triton"][-5:].mean() < 0.7 * curves["triton"][:5].mean()  # it learns
-    assert torch.allclose(curves["triton"], curves["torch"], rtol=1e-3)
+        curves[name] = torch.tensor(losses)
+    assert curves[backend][-5:].mean() < 0.7 * curves[backend][:5].mean()  # it learns
+    assert torch.allclose(curves[backend], curves["torch"], rtol=1e-3)

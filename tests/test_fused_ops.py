@@ -1,22 +1,35 @@
-"""Each Triton kernel against PyTorch, at small odd shapes (partial tiles everywhere).
+"""Each fused op of both kernel sets (``kn``: the Triton ops, then the CUDA extension's, with
+the same names and signatures) against PyTorch, at small odd shapes (partial tiles
+everywhere).
 
-Without a GPU these run on the CPU under TRITON_INTERPRET=1 (set in conftest), fp32 and fp16.
-Outputs are poisoned before the kernels run, so an unwritten element fails the comparison.
+Without a GPU these run on the CPU: the Triton kernels under TRITON_INTERPRET=1 and the CUDA
+kernels under their emulator (set in conftest), fp32 and fp16. Outputs are poisoned before
+the kernels run, so an unwritten element fails the comparison.
 """
+
+import importlib
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from moe_adapter_kernels import reference
+from moe_adapter_kernels.autograd import KERNELS
 
-from moe_adapter_kernels import ops, reference  # noqa: E402
-from moe_adapter_kernels.ops.router import BLOCK_T  # noqa: E402
+from helpers import DEVICE, TOL, rel_err
 
-from helpers import DEVICE, TOL, rel_err  # noqa: E402
+BLOCK_T = 32  # tokens per router block, in both kernel sets
 
 DTYPES = [torch.float32, torch.float16]
 
 pytestmark = pytest.mark.usefixtures("poison")
+
+
+@pytest.fixture
+def kn(backend):
+    """The op set of the backend under test."""
+    importlib.import_module({"triton": "moe_adapter_kernels.ops",
+                             "cuda": "moe_adapter_kernels.cuda.ops"}[backend])
+    return KERNELS[backend]
 
 
 def randn(*shape, dtype=torch.float32, scale=1.0):
@@ -26,11 +39,11 @@ def randn(*shape, dtype=torch.float32, scale=1.0):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("T,N", [(0, 40), (1, 37), (45, 72)])
-def test_norm(dtype, kind, T, N):
+def test_norm(dtype, kind, T, N, kn):
     x = randn(T, N, dtype=dtype, scale=3.0) + 1.0
     w, b = randn(N, dtype=dtype), randn(N, dtype=dtype)
     bias = b if kind == "layernorm" else None
-    y, mean, rstd = ops.norm(x, w, bias, kind, 1e-5)
+    y, mean, rstd = kn.norm(x, w, bias, kind, 1e-5)
     assert y.shape == x.shape and y.dtype == dtype
     if T:
         assert rel_err(y, reference.norm(x, kind, w, bias, 1e-5)) < TOL[dtype]
@@ -40,8 +53,8 @@ def test_norm(dtype, kind, T, N):
         assert rel_err(rstd, ref_rstd) < 1e-5
 
 
-def check_routing(u, w_gate, k):
-    logits, ids, weights, block_counts = ops.route(u, w_gate, k)
+def check_routing(u, w_gate, k, kn):
+    logits, ids, weights, block_counts = kn.route(u, w_gate, k)
     ref = reference.route(u, w_gate, k)
     T, E = logits.shape
     assert ids.dtype == torch.int32 and weights.dtype == torch.float32
@@ -59,40 +72,40 @@ def check_routing(u, w_gate, k):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,E,k", [(1, 8, 4), (45, 8, 4), (70, 16, 4), (33, 8, 1), (20, 4, 4),
                                    (37, 5, 3)])
-def test_route(dtype, T, E, k):
+def test_route(dtype, T, E, k, kn):
     u = randn(T, 72, dtype=dtype)
     w_gate = randn(72, E, dtype=dtype, scale=0.3)
-    check_routing(u, w_gate, k)
+    check_routing(u, w_gate, k, kn)
 
 
-def test_route_ties_go_to_the_lowest_index():
+def test_route_ties_go_to_the_lowest_index(kn):
     u = randn(40, 24)
     w = randn(24, 6)
     w[:, 4] = w[:, 1]      # experts 1 and 4 always tie
     w[:, 5] = 0.0          # expert 5 ties with every other zero logit
     u[3] = 0.0             # token 3: all logits zero, a six-way tie
-    ids = check_routing(u, w, 3)
+    ids = check_routing(u, w, 3, kn)
     assert ids[3].tolist() == [0, 1, 2]
     assert not ((ids == 4).any(1) & ~(ids == 1).any(1)).any()  # 4 never chosen without 1
 
 
-def test_route_empty_and_nan_rows_stay_in_range():
-    logits, ids, weights, counts = ops.route(randn(0, 16), randn(16, 8), 2)
+def test_route_empty_and_nan_rows_stay_in_range(kn):
+    logits, ids, weights, counts = kn.route(randn(0, 16), randn(16, 8), 2)
     assert ids.shape == (0, 2) and counts.shape == (0, 8)
     u = randn(5, 16)
     u[2] = float("nan")
-    _, ids, weights, _ = ops.route(u, randn(16, 8), 2)
+    _, ids, weights, _ = kn.route(u, randn(16, 8), 2)
     assert ids.min() >= 0 and ids.max() < 8
     assert torch.isnan(weights[2]).all() and torch.isfinite(weights[[0, 1, 3, 4]]).all()
 
 
-def permute_case(ids: torch.Tensor, E: int):
+def permute_case(ids: torch.Tensor, E: int, kn):
     T, k = ids.shape
     block_counts = torch.zeros(-(-T // BLOCK_T), E, dtype=torch.int32, device=ids.device)
     for t in range(T):
         for e in ids[t].tolist():
             block_counts[t // BLOCK_T, e] += 1
-    sorted_pair, pair_pos, offsets = ops.permute(ids, block_counts, E)
+    sorted_pair, pair_pos, offsets = kn.permute(ids, block_counts, E)
     flat = ids.reshape(-1).long()
     assert torch.equal(sorted_pair.long(), torch.argsort(flat, stable=True))
     assert torch.equal(pair_pos.long()[sorted_pair.long()],
@@ -111,13 +124,13 @@ def distinct_ids(T, E, k, experts=None):
 
 @pytest.mark.parametrize("T,E,k", [(0, 8, 4), (1, 8, 4), (31, 8, 4), (100, 8, 4), (77, 16, 4),
                                    (65, 8, 1), (40, 4, 4), (50, 5, 3)])
-def test_permute(T, E, k):
-    permute_case(distinct_ids(T, E, k), E)
+def test_permute(T, E, k, kn):
+    permute_case(distinct_ids(T, E, k), E, kn)
 
 
-def test_permute_all_tokens_to_one_expert_and_empty_experts():
-    permute_case(distinct_ids(90, 8, 1, experts=[6]), 8)
-    permute_case(distinct_ids(90, 8, 2, experts=[1, 6]), 8)
+def test_permute_all_tokens_to_one_expert_and_empty_experts(kn):
+    permute_case(distinct_ids(90, 8, 1, experts=[6]), 8, kn)
+    permute_case(distinct_ids(90, 8, 2, experts=[1, 6]), 8, kn)
 
 
 def grouped_reference(a, b, ids, activation, weights=None):
@@ -136,7 +149,7 @@ def grouped_reference(a, b, ids, activation, weights=None):
 @pytest.mark.parametrize("activation", ["none", "silu", "swiglu", "gelu"])
 @pytest.mark.parametrize("T,E,k,experts", [(37, 8, 4, None), (1, 8, 4, None), (50, 8, 1, [2]),
                                            (29, 6, 3, [0, 1, 5]), (20, 4, 4, None)])
-def test_expert_up_and_down(dtype, activation, T, E, k, experts):
+def test_expert_up_and_down(dtype, activation, T, E, k, experts, kn):
     K, F, N = 72, 40, 24
     u = randn(T, K, dtype=dtype)
     w1 = randn(E, K, 2 * F if activation == "swiglu" else F, dtype=dtype, scale=0.2)
@@ -146,14 +159,14 @@ def test_expert_up_and_down(dtype, activation, T, E, k, experts):
     sorted_pair = torch.argsort(ids.reshape(-1).long(), stable=True).to(torch.int32)
     offsets = torch.zeros(E + 1, dtype=torch.int32, device=DEVICE)
     offsets[1:] = torch.cumsum(torch.bincount(ids.reshape(-1).long(), minlength=E), 0)
-    h, pre = ops.expert_up(u, w1, sorted_pair, offsets, k, activation, True)
+    h, pre = kn.expert_up(u, w1, sorted_pair, offsets, k, activation, True)
     assert h.shape == (T * k, F) and h.dtype == dtype
     ref_pre = grouped_reference(u, w1, ids, "none")[sorted_pair.long()]
     assert pre.shape == (T * k, w1.shape[-1]) and rel_err(pre, ref_pre) < TOL[dtype]
-    assert ops.expert_up(u, w1, sorted_pair, offsets, k, activation)[1].numel() == 0
+    assert kn.expert_up(u, w1, sorted_pair, offsets, k, activation)[1].numel() == 0
     ref_h = grouped_reference(u, w1, ids, activation)  # pair order
     assert rel_err(h, ref_h[sorted_pair.long()]) < TOL[dtype]
-    y_pairs = ops.expert_down(h, w2, sorted_pair, offsets, weights)
+    y_pairs = kn.expert_down(h, w2, sorted_pair, offsets, weights)
     h_pairs = torch.empty_like(h)
     h_pairs[sorted_pair.long()] = h
     ref_y = grouped_reference(h_pairs, w2, ids.reshape(-1, 1), "none", weights)
@@ -162,27 +175,27 @@ def test_expert_up_and_down(dtype, activation, T, E, k, experts):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M,K,N", [(1, 24, 40), (70, 72, 56), (33, 100, 17)])
-def test_linear(dtype, M, K, N):
+def test_linear(dtype, M, K, N, kn):
     a, w = randn(M, K, dtype=dtype), randn(K, N, dtype=dtype, scale=0.2)
-    c, pre = ops.linear(a, w, "silu", True)
+    c, pre = kn.linear(a, w, "silu", True)
     assert rel_err(c, torch.nn.functional.silu(a.float() @ w.float())) < TOL[dtype]
     assert rel_err(pre, a.float() @ w.float()) < TOL[dtype]
-    assert rel_err(ops.linear(a, w, "none")[0], a.float() @ w.float()) < TOL[dtype]
+    assert rel_err(kn.linear(a, w, "none")[0], a.float() @ w.float()) < TOL[dtype]
     wt = randn(N, K, dtype=dtype, scale=0.2).t()  # a transposed view works too
-    assert rel_err(ops.linear(a, wt, "none")[0], a.float() @ wt.float()) < TOL[dtype]
+    assert rel_err(kn.linear(a, wt, "none")[0], a.float() @ wt.float()) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "none"])
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("T,k", [(0, 4), (1, 4), (23, 3)])
-def test_combine(dtype, norm, shared, T, k):
+def test_combine(dtype, norm, shared, T, k, kn):
     N = 40
     y_pairs = randn(T * k, N, dtype=dtype)
     s = randn(T, N, dtype=dtype) if shared else None
     w = randn(N, dtype=dtype) if norm != "none" else None
     b = randn(N, dtype=dtype) if norm == "layernorm" else None
-    y, _, _, z = ops.combine(y_pairs, s, k, norm, w, b, 1e-5, True)
+    y, _, _, z = kn.combine(y_pairs, s, k, norm, w, b, 1e-5, True)
     h = y_pairs.float().view(T, k, N).sum(1) + (s.float() if shared else 0)
     assert y.shape == (T, N) and y.dtype == dtype and z.shape == (T, N)
     if T:
@@ -190,47 +203,47 @@ def test_combine(dtype, norm, shared, T, k):
         assert rel_err(z, h) < TOL[dtype]
 
 
-def test_ops_reject_bad_arguments():
+def test_ops_reject_bad_arguments(kn):
     u = randn(4, 16)
     with pytest.raises(ValueError, match="w_gate"):
-        ops.route(u, randn(15, 8), 2)
+        kn.route(u, randn(15, 8), 2)
     with pytest.raises(ValueError, match="top_k"):
-        ops.route(u, randn(16, 8), 9)
+        kn.route(u, randn(16, 8), 9)
     with pytest.raises(TypeError, match="dtype"):
-        ops.route(u.double(), randn(16, 8).double(), 2)
+        kn.route(u.double(), randn(16, 8).double(), 2)
     with pytest.raises(TypeError, match="dtype"):
-        ops.linear(u, randn(16, 8, dtype=torch.float16), "none")
+        kn.linear(u, randn(16, 8, dtype=torch.float16), "none")
     with pytest.raises(ValueError, match="b must be"):
-        ops.grouped_gemm(u, randn(3, 16, 8))
+        kn.linear(u, randn(3, 16, 8), "none")
     with pytest.raises(ValueError, match="reduction"):
-        ops.linear(u, randn(15, 8), "none")
+        kn.linear(u, randn(15, 8), "none")
     with pytest.raises(ValueError, match="activation"):
-        ops.linear(u, randn(16, 8), "relu")
+        kn.linear(u, randn(16, 8), "relu")
     with pytest.raises(ValueError, match="contiguous"):
-        ops.norm(randn(8, 4).t(), None, None, "rmsnorm", 1e-5)
+        kn.norm(randn(8, 4).t(), None, None, "rmsnorm", 1e-5)
 
 
-def test_fake_implementations_match_real_shapes():
+def test_fake_implementations_match_real_shapes(kn):
     from torch._subclasses.fake_tensor import FakeTensorMode
     u, wg = randn(37, 16), randn(16, 8)
-    real = ops.route(u, wg, 3)
+    real = kn.route(u, wg, 3)
     ids_real = real[1]
-    perm_real = ops.permute(ids_real, real[3], 8)
+    perm_real = kn.permute(ids_real, real[3], 8)
     w1, w2 = randn(8, 16, 24), randn(8, 12, 10)
-    up_real = ops.expert_up(u, w1, perm_real[0], perm_real[2], 3, "swiglu")[0]
-    down_real = ops.expert_down(up_real, w2, perm_real[0], perm_real[2], real[2])
-    comb_real = ops.combine(down_real, None, 3, "rmsnorm", None, None, 1e-6)
+    up_real = kn.expert_up(u, w1, perm_real[0], perm_real[2], 3, "swiglu")[0]
+    down_real = kn.expert_down(up_real, w2, perm_real[0], perm_real[2], real[2])
+    comb_real = kn.combine(down_real, None, 3, "rmsnorm", None, None, 1e-6)
     with FakeTensorMode() as mode:
         fu, fwg = mode.from_tensor(u), mode.from_tensor(wg)
-        fake = ops.route(fu, fwg, 3)
-        perm = ops.permute(fake[1], fake[3], 8)
-        up = ops.expert_up(fu, mode.from_tensor(w1), perm[0], perm[2], 3, "swiglu")[0]
-        down = ops.expert_down(up, mode.from_tensor(w2), perm[0], perm[2], fake[2])
-        comb = ops.combine(down, None, 3, "rmsnorm", None, None, 1e-6)
-        lin = ops.linear(fu, fwg, "silu")[0]
-        nrm = ops.norm(fu, None, None, "rmsnorm", 1e-6)
+        fake = kn.route(fu, fwg, 3)
+        perm = kn.permute(fake[1], fake[3], 8)
+        up = kn.expert_up(fu, mode.from_tensor(w1), perm[0], perm[2], 3, "swiglu")[0]
+        down = kn.expert_down(up, mode.from_tensor(w2), perm[0], perm[2], fake[2])
+        comb = kn.combine(down, None, 3, "rmsnorm", None, None, 1e-6)
+        lin = kn.linear(fu, fwg, "silu")[0]
+        nrm = kn.norm(fu, None, None, "rmsnorm", 1e-6)
     pairs = [(fake, real), (perm, perm_real), ((up,), (up_real,)), ((down,), (down_real,)),
-             (comb, comb_real), ((lin,), (torch.empty(37, 8),)), (nrm, ops.norm(u, None, None,
+             (comb, comb_real), ((lin,), (torch.empty(37, 8),)), (nrm, kn.norm(u, None, None,
                                                                                 "rmsnorm", 1e-6))]
     for fakes, reals in pairs:
         for f, r in zip(fakes, reals):
@@ -248,14 +261,14 @@ def routing_case(T, E, k, experts=None):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("T", [0, 1, 37])
-def test_norm_backward(dtype, kind, T):
+def test_norm_backward(dtype, kind, T, kn):
     N = 45
     x = randn(T, N, dtype=dtype, scale=2.0)
     w = randn(N, dtype=dtype)
     b = randn(N, dtype=dtype) if kind == "layernorm" else None
     dy = randn(T, N, dtype=dtype)
-    _, mean, rstd = ops.norm(x, w, b, kind, 1e-5)
-    dx, dw, db = ops.norm_bwd(dy, x, w, b, mean, rstd, kind)
+    _, mean, rstd = kn.norm(x, w, b, kind, 1e-5)
+    dx, dw, db = kn.norm_bwd(dy, x, w, b, mean, rstd, kind)
     leaves = [t.float().requires_grad_(True) for t in (x, w) + ((b,) if b is not None else ())]
     ref = reference.norm(leaves[0], kind, leaves[1], leaves[2] if b is not None else None, 1e-5)
     ref.backward(dy.float())
@@ -273,7 +286,7 @@ def test_norm_backward(dtype, kind, T):
 @pytest.mark.parametrize("activation", ["silu", "swiglu", "gelu", "identity"])
 @pytest.mark.parametrize("T,E,k,experts", [(37, 8, 4, None), (1, 8, 4, None), (40, 8, 2, [2, 5]),
                                            (29, 6, 3, None)])
-def test_routed_backward_ops(dtype, activation, T, E, k, experts):
+def test_routed_backward_ops(dtype, activation, T, E, k, experts, kn):
     """expert_dact, weight_grad (both experts' weights) and expert_dx against autograd of the
     per-pair reference, including exact-zero gradients for experts with no rows."""
     K, F, N = 40, 24, 33
@@ -286,12 +299,12 @@ def test_routed_backward_ops(dtype, activation, T, E, k, experts):
     sp = sorted_pair.long()
     b1 = randn(E, w1.shape[-1], dtype=dtype, scale=0.3)
     b2 = randn(E, N, dtype=dtype, scale=0.3)
-    h, pre = ops.expert_up(u, w1, sorted_pair, offsets, k, activation, True, b1)
-    dpre, dgates = ops.expert_dact(dz, w2, pre, sorted_pair, offsets, gates, k, activation)
-    dw2, db2 = ops.weight_grad_op(pre, dz, offsets, sorted_pair, 0, k, gates.reshape(-1),
+    h, pre = kn.expert_up(u, w1, sorted_pair, offsets, k, activation, True, b1)
+    dpre, dgates = kn.expert_dact(dz, w2, pre, sorted_pair, offsets, gates, k, activation)
+    dw2, db2 = kn.weight_grad_op(pre, dz, offsets, sorted_pair, 0, k, gates.reshape(-1),
                                   activation, True)
-    dw1, db1 = ops.weight_grad_op(u, dpre, offsets, sorted_pair, k, 0, None, "none", True)
-    du_pairs = ops.expert_dx(dpre, w1, sorted_pair, offsets)
+    dw1, db1 = kn.weight_grad_op(u, dpre, offsets, sorted_pair, k, 0, None, "none", True)
+    du_pairs = kn.expert_dx(dpre, w1, sorted_pair, offsets)
 
     leaves = [t.float().requires_grad_(True) for t in (u, w1, w2, gates, b1, b2)]
     lu, lw1, lw2, lg, lb1, lb2 = leaves
@@ -314,16 +327,16 @@ def test_routed_backward_ops(dtype, activation, T, E, k, experts):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_linear_backward_ops(dtype):
+def test_linear_backward_ops(dtype, kn):
     M, K, S, N = 45, 40, 56, 24
     a, w1, w2 = randn(M, K, dtype=dtype), randn(K, S, dtype=dtype, scale=0.3), randn(
         S, N, dtype=dtype, scale=0.3)
     dc = randn(M, N, dtype=dtype)
-    hs, pre = ops.linear(a, w1, "silu", True)
-    dpre = ops.linear_dact(dc, w2, pre, "silu")
-    dw2 = ops.weight_grad_op(pre, dc, None, None, 0, 0, None, "silu")[0]
-    dw1 = ops.weight_grad_op(a, dpre, None, None, 0, 0, None, "none")[0]
-    da = ops.linear(dpre, w1.t(), "none")[0]
+    hs, pre = kn.linear(a, w1, "silu", True)
+    dpre = kn.linear_dact(dc, w2, pre, "silu")
+    dw2 = kn.weight_grad_op(pre, dc, None, None, 0, 0, None, "silu")[0]
+    dw1 = kn.weight_grad_op(a, dpre, None, None, 0, 0, None, "none")[0]
+    da = kn.linear(dpre, w1.t(), "none")[0]
     la, l1, l2 = (t.float().requires_grad_(True) for t in (a, w1, w2))
     (reference.mlp(la, l1, l2) * dc.float()).sum().backward()
     for got, want in ((dw1, l1.grad), (dw2, l2.grad), (da, la.grad)):
@@ -331,6 +344,7 @@ def test_linear_backward_ops(dtype):
 
 
 def test_grouped_mlp_is_up_then_down():
+    ops = pytest.importorskip("moe_adapter_kernels.ops")
     ids, sorted_pair, offsets = routing_case(33, 8, 4)
     u, w1, w2 = randn(33, 40), randn(8, 40, 24, scale=0.3), randn(8, 24, 16, scale=0.3)
     gates = torch.softmax(torch.randn(33, 4, device=DEVICE), -1)
