@@ -85,3 +85,17 @@ def test_triton_and_cuda_backends_agree(dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for a, b in zip(out[1], out[0]):
         assert rel_err(a, b) < tol
+
+
+def test_auto_prefers_triton_then_cuda_then_torch(monkeypatch):
+    from moe_adapter_kernels import backends
+    gpu = torch.device("cuda", 0)
+    usable = {"torch": True, "triton": True, "cuda": True}
+    monkeypatch.setattr(backends, "status", lambda name: (usable[name], "test"))
+    impls = ("torch", "triton", "cuda")
+    assert backends.resolve("auto", gpu, impls) == "triton"
+    usable["triton"] = False
+    assert backends.resolve("auto", gpu, impls) == "cuda"
+    usable["cuda"] = False
+    assert backends.resolve("auto", gpu, impls) == "torch"
+    assert backends.resolve("auto", torch.device("cpu"), impls) == "torch"

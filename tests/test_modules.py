@@ -5,6 +5,7 @@ import torch
 
 from moe_adapter_kernels import (DenseAdapter, FeatureFusion, FeatureFusionConfig, MoEAdapter,
                                  reference, stack_frames)
+from moe_adapter_kernels import backends
 from moe_adapter_kernels.config import DenseAdapterConfig
 
 from helpers import rel_err, small_config
@@ -60,7 +61,7 @@ def test_single_token(model):
         x, dict(model.named_parameters()), model.config)) < 1e-5
 
 
-def test_bad_inputs_raise_clear_errors(model):
+def test_bad_inputs_raise_clear_errors(model, monkeypatch):
     with pytest.raises(ValueError, match=r"\[\.\.\., 72\]"):
         model(torch.randn(4, 71))
     with pytest.raises(ValueError, match=r"\[\.\.\., 72\]"):
@@ -75,7 +76,8 @@ def test_bad_inputs_raise_clear_errors(model):
         model(torch.randn(4, 72, device="meta"))
     with pytest.raises(ValueError, match="backend.*auto"):
         MoEAdapter(small_config(), backend="jax")
-    with pytest.raises(RuntimeError, match="not available"):
+    monkeypatch.setattr(backends, "cuda_ext_status", lambda: (False, "no extension here"))
+    with pytest.raises(RuntimeError, match="'cuda' is not available: no extension here"):
         MoEAdapter(small_config(), backend="cuda")
     with pytest.raises(TypeError, match="DenseAdapter"):
         DenseAdapter(small_config())
