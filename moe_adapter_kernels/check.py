@@ -69,6 +69,10 @@ def run_check(device: str | None = None, tokens: int = 67, config: MoEAdapterCon
         # The oracle is fp64 from the start, so in fp16/bf16 it legitimately routes tokens
         # near a tie differently: the torch backend is checked against it in fp32 only.
         for dtype in ([torch.float32] if name == "torch" else dtypes):
+            if name == "triton" and dtype == torch.bfloat16 and device == "cpu":
+                printer(f"  {name:<7} SKIPPED  bfloat16 under the Triton interpreter: its bf16 "
+                        f"casts do not round to nearest even as GPUs do (checked on GPUs)")
+                continue
             res = check_backend(name, config, tokens, dtype, device)
             verdict = "PASS" if res["ok"] else "FAIL"
             ok_all &= res["ok"]
