@@ -66,11 +66,6 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   return r;
 }
 
-template <typename T>
-__device__ __forceinline__ float load_f(const void* p, int64_t i) {
-  return to_f(static_cast<const T*>(p)[i]);
-}
-
 }  // namespace moe
 
 // Run BODY with T bound to the C++ type of a DType.
