@@ -8,9 +8,9 @@ CPU emulator (fp32 and fp16, small odd shapes).
 import pytest
 import torch
 
-from moe_adapter_kernels import MoEAdapter  # noqa: E402
+from moe_adapter_kernels import MoEAdapter
 
-from helpers import (DEVICE, TOL, VARIANTS, force_routing, rel_err,  # noqa: E402
+from helpers import (DEVICE, TOL, VARIANTS, force_routing, rel_err,
                      small_config)
 
 CONFIGS = dict(VARIANTS, **{

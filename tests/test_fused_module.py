@@ -8,9 +8,9 @@ CPU emulator (MOE_ADAPTER_CUDA_EMULATE=1), fp32 and fp16, small odd shapes.
 import pytest
 import torch
 
-from moe_adapter_kernels import MoEAdapter  # noqa: E402
+from moe_adapter_kernels import MoEAdapter
 
-from helpers import (DEVICE, TOL, VARIANTS, force_routing, rel_err,  # noqa: E402
+from helpers import (DEVICE, TOL, VARIANTS, force_routing, rel_err,
                      small_config)
 
 CONFIGS = dict(VARIANTS, **{
@@ -29,15 +29,15 @@ def pair(cfg, dtype, backend, seed=0):
 
 def compare(ref, fused, x, tol):
     with torch.no_grad():
-        y_ref, y_tri = ref(x), fused(x)
-    assert y_tri.shape == y_ref.shape and y_tri.dtype == y_ref.dtype
+        y_ref, y_fused = ref(x), fused(x)
+    assert y_fused.shape == y_ref.shape and y_fused.dtype == y_ref.dtype
     assert fused.backend_used == fused.backend
-    s_ref, s_tri = ref.routing_stats(), fused.routing_stats()
-    assert torch.equal(s_ref.tokens_per_expert, s_tri.tokens_per_expert)
+    s_ref, s_fused = ref.routing_stats(), fused.routing_stats()
+    assert torch.equal(s_ref.tokens_per_expert, s_fused.tokens_per_expert)
     if x.numel():
-        assert rel_err(y_tri, y_ref) < tol
-        assert rel_err(s_tri.aux_loss, s_ref.aux_loss) < 1e-5
-    return y_tri
+        assert rel_err(y_fused, y_ref) < tol
+        assert rel_err(s_fused.aux_loss, s_ref.aux_loss) < 1e-5
+    return y_fused
 
 
 @pytest.mark.usefixtures("poison")
