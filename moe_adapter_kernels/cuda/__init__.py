@@ -64,8 +64,10 @@ def load():
     return _jit("moe_adapter_cuda", [CSRC / "ops.cpp", *sorted(CSRC.glob("*.cu"))])
 
 
+@functools.lru_cache(maxsize=None)
 def status() -> tuple[bool, str]:
-    """(usable, reason) for the ``cuda`` backend; builds the extension on first call."""
+    """(usable, reason) for the ``cuda`` backend; builds the extension on first call. Cached:
+    ``auto`` asks on every forward, and a failed build must not be retried each time."""
     if not emulating() and not torch.cuda.is_available():
         return False, ("no CUDA device (set MOE_ADAPTER_CUDA_EMULATE=1 to run the CUDA kernels "
                        "on the CPU)")

@@ -87,6 +87,16 @@ def _tile_ids(N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _source_rows(pair, rows, GATHER_DIV: tl.constexpr):
+    """64-bit rows of an operand: pair // GATHER_DIV when gathered (GATHER_DIV > 0), else the
+    sorted rows themselves."""
+    if GATHER_DIV > 0:
+        return pair // GATHER_DIV
+    else:
+        return rows.to(tl.int64)
+
+
+@triton.jit
 def _tile_operands(PairIds, rm, m_ok, pid_n, N, NEED_PAIR: tl.constexpr,
                    GATHER_DIV: tl.constexpr, BLOCK_N: tl.constexpr):
     """(pair ids, A rows, N columns, column mask) of a tile: A rows are gathered by
@@ -95,10 +105,7 @@ def _tile_operands(PairIds, rm, m_ok, pid_n, N, NEED_PAIR: tl.constexpr,
         pair = tl.load(PairIds + rm, mask=m_ok, other=0).to(tl.int64)
     else:
         pair = rm.to(tl.int64)
-    if GATHER_DIV > 0:
-        a_row = pair // GATHER_DIV
-    else:
-        a_row = rm.to(tl.int64)
+    a_row = _source_rows(pair, rm, GATHER_DIV)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     return pair, a_row, rn, rn < N
 

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from ._common import check, dot_in_fp32, interpreting
-from .grouped_gemm import ACTIVATIONS, _act
+from .grouped_gemm import ACTIVATIONS, _act, _source_rows
 
 
 @triton.jit
@@ -40,14 +40,10 @@ def _weight_grad_kernel(
         r_ok = rows < hi
         if A_GATHER_DIV > 0 or B_GATHER_DIV > 0 or HAS_SCALE:
             pair = tl.load(PairIds + rows, mask=r_ok, other=0).to(tl.int64)
-        if A_GATHER_DIV > 0:
-            a_row = pair // A_GATHER_DIV
         else:
-            a_row = rows.to(tl.int64)
-        if B_GATHER_DIV > 0:
-            b_row = pair // B_GATHER_DIV
-        else:
-            b_row = rows.to(tl.int64)
+            pair = rows.to(tl.int64)
+        a_row = _source_rows(pair, rows, A_GATHER_DIV)
+        b_row = _source_rows(pair, rows, B_GATHER_DIV)
         a_ptr = A + a_row[None, :] * stride_am + rk[:, None] * stride_ak
         a_mask = k_ok[:, None] & r_ok[None, :]
         a = tl.load(a_ptr, mask=a_mask, other=0.0)  # [BLOCK_K, BLOCK_R] = A^T tile
