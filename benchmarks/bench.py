@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -101,20 +102,54 @@ def measure(name, model, x, mode, bench, device, flops_per_token):
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+                              text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except Exception:
         return "unknown"
 
 
 def format_table(rows: list[dict]) -> list[str]:
-    out = ["| T | mode | model | ms | TFLOP/s | peak MiB | MoE/dense |",
-           "|---|---|---|---|---|---|---|"]
+    """Markdown rows; "% matmul" is the achieved TFLOP/s as a share of the measured bf16 matmul
+    ceiling (GPU only), "mem/dense" the peak-memory ratio."""
+    out = ["| T | mode | model | ms | TFLOP/s | % matmul | peak MiB | MoE/dense | mem/dense |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}"
+        share = "-" if r.get("ceiling_share") is None else f"{100 * r['ceiling_share']:.0f}%"
         ratio = "" if r.get("ratio") is None else f"{r['ratio']:.3f}"
+        mem = "" if r.get("mem_ratio") is None else f"{r['mem_ratio']:.3f}"
         out.append(f"| {r['tokens']} | {r['mode']} | {r['model']} | {r['ms']:.3f} | "
-                   f"{r['tflops']:.1f} | {peak} | {ratio} |")
+                   f"{r['tflops']:.1f} | {share} | {peak} | {ratio} | {mem} |")
     return out
+
+
+def plot(rows: list[dict], title: str, path: str) -> bool:
+    """MoE/dense time ratio against tokens, one panel per mode, one line per backend. Returns
+    False (and writes nothing) when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        moe = [r for r in rows if r["mode"] == mode and r.get("ratio") is not None]
+        for model in dict.fromkeys(r["model"] for r in moe):
+            pts = [(r["tokens"], r["ratio"]) for r in moe if r["model"] == model]
+            ax.plot(*zip(*pts), marker="o", label=model)
+        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="dense")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("time MoE / dense")
+        ax.set_title(mode)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def parse_args(argv):
@@ -131,6 +166,8 @@ def parse_args(argv):
     p.add_argument("--device", default=None, choices=["cuda", "cpu"])
     p.add_argument("--json", default="moe_adapter_bench.json", help="where to write results")
     p.add_argument("--markdown", default=None, help="also write the table as markdown here")
+    p.add_argument("--plot", default=None,
+                   help="also plot MoE/dense ratios to this image file (needs matplotlib)")
     p.add_argument("--skip-check", action="store_true", help="CPU: skip the self-check")
     return p.parse_args(argv)
 
@@ -183,15 +220,21 @@ def main(argv=None) -> int:
     for T in tokens:
         x = torch.randn(T, moe_cfg.d_in, device=device, dtype=dtype)
         for mode in args.modes:
-            dense_ms = None
+            dense = None
             for name, model, fpt in models:
                 i += 1
                 say(f"[{i}/{total}] T={T} {mode} {name} ...")
                 r = measure(name, model, x, mode, bench, device, fpt)
+                if gpu:
+                    r["ceiling_share"] = r["tflops"] / meta["ceilings"]["matmul_tflops"]
                 if name == "dense":
-                    dense_ms = r["ms"]
+                    dense = r
                 else:
-                    r["ratio"] = r["ms"] / dense_ms
+                    r["ratio"] = r["ms"] / dense["ms"]
+                    if r["peak_bytes"] is not None and dense["peak_bytes"]:
+                        r["mem_ratio"] = r["peak_bytes"] / dense["peak_bytes"]
+                say(f"    {r['ms']:.3f} ms" + (f", {r['ratio']:.3f}x dense" if "ratio" in r
+                                                 else ""))
                 rows.append(r)
     table = format_table(rows)
     header = (f"{meta['device']}, {meta['dtype']}, torch {meta['torch']}, triton "
@@ -201,6 +244,11 @@ def main(argv=None) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(header + "\n\n" + "\n".join(table) + "\n")
+    if args.plot:
+        if plot(rows, header, args.plot):
+            say(f"plot written to {args.plot}")
+        else:
+            say("matplotlib is not installed: no plot written (pip install matplotlib)")
     print(header)
     print("\n".join(table))
     print(f"results written to {args.json}")

@@ -26,7 +26,7 @@ for stage in $stages; do
            cp moe_adapter_kernels/ops/tuned/*.json "$OUT/" 2>/dev/null ;;
     bench) run python -m benchmarks.kernels --json "$OUT/kernels.json"
            run python -m moe_adapter_kernels.cli bench --json "$OUT/bench.json" \
-               --markdown "$OUT/bench.md" ;;
+               --markdown "$OUT/bench.md" --plot "$OUT/bench.png" ;;
     *) echo "unknown stage $stage (build, tests, tune, bench)"; exit 2 ;;
   esac
 done

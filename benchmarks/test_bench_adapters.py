@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from moe_adapter_kernels import DenseAdapter, DenseAdapterConfig, MoEAdapter, MoEAdapterConfig
+from moe_adapter_kernels.backends import available_backends
 
 GPU = torch.cuda.is_available()
 DEVICE, DTYPE = ("cuda", torch.bfloat16) if GPU else ("cpu", torch.float32)
 TOKENS = 8192 if GPU else 64
-BACKENDS = ["torch", "triton"] if GPU else ["torch"]
+BACKENDS = [b for b in available_backends() if GPU or b == "torch"]
 
 
 def synced(fn):

@@ -26,13 +26,29 @@ def test_every_kernel_step_runs():
 
 def test_bench_cli_on_cpu(tmp_path, capsys):
     from benchmarks.bench import main
-    out = tmp_path / "b.json"
-    assert main(["--tokens", "8", "--modes", "fwd", "--skip-check", "--json", str(out),
-                 "--markdown", str(tmp_path / "b.md")]) == 0
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    assert main(["--tokens", "8", "16", "--modes", "fwd", "--skip-check", "--json", str(out),
+                 "--markdown", str(tmp_path / "b.md"), "--plot", str(png)]) == 0
     res = json.loads(out.read_text())
-    assert res["meta"]["device"].startswith("CPU") and len(res["results"]) == 2
-    moe = [r for r in res["results"] if r["model"] == "moe-torch"][0]
-    assert moe["ratio"] > 0 and "| 8 | fwd | moe-torch |" in capsys.readouterr().out
+    assert res["meta"]["device"].startswith("CPU") and len(res["results"]) == 4
+    moe = [r for r in res["results"] if r["model"] == "moe-torch"]
+    assert all(r["ratio"] > 0 for r in moe)
+    captured = capsys.readouterr()
+    assert "| 8 | fwd | moe-torch |" in captured.out and "| 16 | fwd | moe-torch |" in (
+        tmp_path / "b.md").read_text()
+    assert "[4/4] T=16 fwd moe-torch" in captured.err  # progress lines
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """matplotlib is optional: without it the run still succeeds and says why no plot."""
+    import sys
+    from benchmarks.bench import main
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    png = tmp_path / "b.png"
+    assert main(["--tokens", "8", "--modes", "fwd", "--skip-check", "--json",
+                 str(tmp_path / "b.json"), "--plot", str(png)]) == 0
+    assert not png.exists() and "matplotlib is not installed" in capsys.readouterr().err
 
 
 def test_tuning_records_picks_and_saves(tmp_path, monkeypatch):
