@@ -3,6 +3,9 @@
 #pragma once
 
 #include <math.h>
+#include <stdint.h>
+
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -52,6 +55,26 @@ __device__ __forceinline__ float act_grad(float z, int act) {
   return s * (1.0f + z * (1.0f - s));
 }
 
+// Asynchronous 16-byte global -> shared copies (sm_80 cp.async; zeros when !valid, src must
+// then still be a mapped address). A thread's copies land once it waits for their group:
+// cp_async_wait<N>() returns when at most N of its committed groups are still in flight.
+#ifndef MOE_EMULATE
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+#else
+using ::emu::cp_async16;
+using ::emu::cp_async_commit;
+using ::emu::cp_async_wait;
+#endif
+
 // Sum of v over the block in a fixed tree order (deterministic); every thread gets the
 // result. red: kThreads floats of shared memory, free again on return.
 __device__ __forceinline__ float block_sum(float v, float* red) {
@@ -95,6 +118,18 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 #define MOE_LAUNCH(KFN, GRID, BLOCK, SMEM, STREAM, ...) \
   KFN<<<GRID, BLOCK, SMEM, STREAM>>>(__VA_ARGS__)
 #define MOE_LAUNCH_STATUS() cudaGetLastError()
+#endif
+
+// Let KFN use BYTES of dynamic shared memory (above the 48 KiB default needs an opt-in).
+#ifdef MOE_EMULATE
+#define MOE_ALLOW_SMEM(KFN, BYTES) ((void)0)
+#else
+#define MOE_ALLOW_SMEM(KFN, BYTES)                                                           \
+  do {                                                                                       \
+    if ((BYTES) > 48 * 1024)                                                                 \
+      cudaFuncSetAttribute(KFN, cudaFuncAttributeMaxDynamicSharedMemorySize,                 \
+                           static_cast<int>(BYTES));                                         \
+  } while (0)
 #endif
 
 // Dynamic shared memory of a kernel, as a byte pointer.

@@ -1,11 +1,15 @@
 // Grouped GEMMs over experts' variable-length row ranges, with the row gather fused into the
 // A-tile load and the activation / gate weight (forward) or the activation's derivative and
 // the gate gradient (backward, "dact") fused into the epilogue; and the per-expert weight
-// gradient. 64x128 output tiles, 256 threads: tensor cores through WMMA for fp16/bf16
-// (fp32 accumulation), plain fp32 FMAs for fp32. Rows in expert-sorted order: group g owns
-// rows offsets[g] .. offsets[g+1]; the grid is sized by cdiv(rows, 64) + groups M tiles (an
-// upper bound, no host sync) and blocks past the last tile exit at once. All indices are
-// 64-bit. No atomics: every output element is written by exactly one thread.
+// gradient. 128x128 output tiles, 256 threads: tensor cores through WMMA for fp16/bf16
+// (fp32 accumulation), plain fp32 FMAs for fp32. The forward/dact kernel streams its A and B
+// tiles through a multi-stage shared-memory ring with 16-byte cp.async copies (scalar loads
+// where strides or alignment do not allow 16 bytes). B is staged n-fast or k-fast, following
+// its unit stride (W or W^T), so global reads stay coalesced either way. Rows in expert-sorted
+// order: group g owns rows offsets[g] .. offsets[g+1]; the grid is sized by
+// cdiv(rows, 128) + groups M tiles (an upper bound, no host sync) and blocks past the last
+// tile exit at once. All indices are 64-bit. No atomics: every output element is written by
+// exactly one thread.
 #include "common.cuh"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -14,36 +18,58 @@
 
 namespace moe {
 
-constexpr int BM = 64, BN = kGemmBlockN, BK = 32;
-constexpr int LDA = BK + 8, LDB = BN + 8, LDC = BN + 4;  // padded shared-memory rows
-constexpr size_t kGemmSmem = sizeof(float) * BM * LDC;  // >= the A and B tiles of any dtype
+constexpr int BM = 128, BN = kGemmBlockN, BK = 32;
+// Padded shared-memory rows: A [BM][LDA] k-fast, B [BK][LDB] n-fast or [BN][LDBT] k-fast,
+// the fp32 result tile [BM][LDC]. The pads keep every WMMA pointer 32-byte aligned and every
+// cp.async destination 16-byte aligned.
+constexpr int LDA = BK + 8, LDB = BN + 8, LDBT = BK + 8, LDC = BN + 4;
+constexpr int kTileA = BM * LDA, kTileB = BK * LDB > BN * LDBT ? BK * LDB : BN * LDBT;
+static_assert(kTileA % 64 == 0 && kTileB % 64 == 0, "stage bases must stay 128-byte aligned");
 
-// Accumulator of a 64x128 tile from A [BM][LDA] and B [BK][LDB] in shared memory.
-// fp16/bf16: 8 warps as 2 x 4, each 32x32 = 2 x 2 WMMA 16x16x16 fragments.
+template <typename T>
+constexpr int kStages = sizeof(T) == 2 ? 3 : 2;  // K steps in the shared-memory ring
+template <typename T>
+constexpr size_t gemm_smem() {
+  const size_t ring = sizeof(T) * kStages<T> * (kTileA + kTileB);
+  const size_t result = sizeof(float) * BM * LDC;  // reuses the ring after the main loop
+  return ring > result ? ring : result;
+}
+
+// Accumulator of a 128x128 tile from A [BM][LDA] and B (n-fast [BK][LDB], or k-fast
+// [BN][LDBT] when BT) in shared memory. fp16/bf16: 8 warps as 2 x 4, each 64x32 = 4 x 2 WMMA
+// 16x16x16 fragments.
 template <typename T>
 struct TileAcc {
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f[2][2];
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f[4][2];
   __device__ TileAcc() {
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(f[i][j], 0.0f);
   }
+  template <bool BT>
   __device__ void mma(const T* sA, const T* sB) {
     using namespace nvcuda;
+    using LayoutB = typename std::conditional<BT, wmma::col_major, wmma::row_major>::type;
     const int warp = threadIdx.x / 32, wm = warp / 4, wn = warp % 4;
     for (int kk = 0; kk < BK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], sA + (wm * 32 + i * 16) * LDA + kk, LDA);
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], sB + kk * LDB + wn * 32 + j * 16, LDB);
-      for (int i = 0; i < 2; ++i)
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> fb[2];
+      for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], sA + (wm * 64 + i * 16) * LDA + kk, LDA);
+      for (int j = 0; j < 2; ++j) {
+        const int n = wn * 32 + j * 16;
+        if (BT)
+          wmma::load_matrix_sync(fb[j], sB + n * LDBT + kk, LDBT);
+        else
+          wmma::load_matrix_sync(fb[j], sB + kk * LDB + n, LDB);
+      }
+      for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 2; ++j) wmma::mma_sync(f[i][j], fa[i], fb[j], f[i][j]);
     }
   }
   __device__ void store(float* sC) {
     const int warp = threadIdx.x / 32, wm = warp / 4, wn = warp % 4;
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 2; ++j)
-        nvcuda::wmma::store_matrix_sync(sC + (wm * 32 + i * 16) * LDC + wn * 32 + j * 16,
+        nvcuda::wmma::store_matrix_sync(sC + (wm * 64 + i * 16) * LDC + wn * 32 + j * 16,
                                         f[i][j], LDC, nvcuda::wmma::mem_row_major);
   }
 };
@@ -51,24 +77,28 @@ struct TileAcc {
 // fp32: thread (ty, tx) = (tid / 16, tid % 16) owns rows ty + 16 i and columns tx + 16 j.
 template <>
 struct TileAcc<float> {
-  float v[4][8];
+  float v[8][8];
   __device__ TileAcc() {
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 8; ++i)
       for (int j = 0; j < 8; ++j) v[i][j] = 0.0f;
   }
+  template <bool BT>
   __device__ void mma(const float* sA, const float* sB) {
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
     for (int kk = 0; kk < BK; ++kk) {
-      float ar[4], bc[8];
-      for (int i = 0; i < 4; ++i) ar[i] = sA[(ty + 16 * i) * LDA + kk];
-      for (int j = 0; j < 8; ++j) bc[j] = sB[kk * LDB + tx + 16 * j];
-      for (int i = 0; i < 4; ++i)
+      float ar[8], bc[8];
+      for (int i = 0; i < 8; ++i) ar[i] = sA[(ty + 16 * i) * LDA + kk];
+      for (int j = 0; j < 8; ++j) {
+        const int n = tx + 16 * j;
+        bc[j] = BT ? sB[n * LDBT + kk] : sB[kk * LDB + n];
+      }
+      for (int i = 0; i < 8; ++i)
         for (int j = 0; j < 8; ++j) v[i][j] += ar[i] * bc[j];
     }
   }
   __device__ void store(float* sC) {
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 8; ++i)
       for (int j = 0; j < 8; ++j) sC[(ty + 16 * i) * LDC + tx + 16 * j] = v[i][j];
   }
 };
@@ -90,17 +120,77 @@ __device__ __forceinline__ Tile find_tile(const int* offsets, int groups, int64_
   return {-1, 0, 0};
 }
 
+// Copies 16-byte chunks (V elements) of the A rows and B columns of one K step into a stage
+// of the shared-memory ring: cp.async where the source chunk is 16-byte aligned and has unit
+// stride, else element by element. Out-of-range elements become zeros.
+template <typename T, bool SWIGLU, bool BT>
+struct TileLoader {
+  static constexpr int V = 16 / sizeof(T);
+  static constexpr int BNO = SWIGLU ? BN / 2 : BN;
+  const T* A;
+  const T* B;
+  const int64_t* arow;  // A row of each tile row, -1 past the range
+  int64_t K, N, col0, sam, sak, sbk, sbn;
+  bool vec_a, vec_b;
+
+  // B column of tile column c (SwiGLU forward: [gate | up] halves), -1 if out of range.
+  __device__ int64_t bcol(int c) const {
+    const int64_t col = col0 + (SWIGLU ? c % BNO : c);
+    if (col >= N) return -1;
+    return SWIGLU ? col + (c / BNO) * N : col;
+  }
+
+  __device__ void operator()(T* sA, T* sB, int64_t k0) const {
+    constexpr int kChunksA = BM * BK / V, kChunksB = BK * BN / V;
+    for (int i = threadIdx.x; i < kChunksA; i += kThreads) {
+      const int r = i / (BK / V), kk = (i % (BK / V)) * V;
+      const int64_t row = arow[r], k = k0 + kk;
+      T* dst = sA + r * LDA + kk;
+      if (vec_a) {
+        const bool ok = row >= 0 && k < K;
+        cp_async16(dst, ok ? A + row * sam + k : A, ok);
+      } else {
+        for (int e = 0; e < V; ++e)
+          dst[e] = (row >= 0 && k + e < K) ? A[row * sam + (k + e) * sak] : from_f<T>(0.0f);
+      }
+    }
+    for (int i = threadIdx.x; i < kChunksB; i += kThreads) {
+      // k-fast: chunk (n, kk..kk+V) of column n; n-fast: chunk (kk, c..c+V) of row kk
+      const int n = BT ? i / (BK / V) : (i % (BN / V)) * V;
+      const int kk = BT ? (i % (BK / V)) * V : i / (BN / V);
+      T* dst = BT ? sB + n * LDBT + kk : sB + kk * LDB + n;
+      if (vec_b) {
+        const int64_t col = bcol(n), k = k0 + kk;
+        const bool ok = col >= 0 && k < K;
+        cp_async16(dst, ok ? B + k * sbk + col * sbn : B, ok);
+      } else {
+        for (int e = 0; e < V; ++e) {
+          const int64_t col = bcol(BT ? n : n + e), k = k0 + kk + (BT ? e : 0);
+          dst[e] = (col >= 0 && k < K) ? B[k * sbk + col * sbn] : from_f<T>(0.0f);
+        }
+      }
+    }
+  }
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
 // Forward (DACT false): c = act(A[rows] @ B[g] + bias) * scale. SWIGLU: the B tile holds 64
 // gate columns then the 64 matching up columns (b is [gate | up], N output columns).
 // Dact (DACT true): dh = A[rows] @ B[g] (B = W^T through strides), then dpre from preact.
-template <typename T, bool DACT, bool SWIGLU>
+// BT: B's unit stride is along K (stage it k-fast).
+template <typename T, bool DACT, bool SWIGLU, bool BT>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmArgs a) {
   MOE_DYNAMIC_SMEM(raw);
-  T* sA = reinterpret_cast<T*>(raw);
-  T* sB = sA + BM * LDA;
-  float* sC = reinterpret_cast<float*>(raw);  // reuses the A/B tiles after the main loop
+  constexpr int S = kStages<T>;
+  T* ring = reinterpret_cast<T*>(raw);  // stage s: A at s * (kTileA + kTileB), then B
+  float* sC = reinterpret_cast<float*>(raw);
   __shared__ int64_t s_arow[BM], s_pair[BM];
-  constexpr int BNO = (SWIGLU && !DACT) ? BN / 2 : BN;  // output columns per tile
+  constexpr bool kGateUp = SWIGLU && !DACT;
+  constexpr int BNO = kGateUp ? BN / 2 : BN;  // output columns per tile
+  constexpr int V = 16 / sizeof(T);
   const int tid = threadIdx.x;
   const int64_t n_tiles = (a.N + BNO - 1) / BNO;
   const int64_t pid_m = blockIdx.x / n_tiles, pid_n = blockIdx.x % n_tiles;
@@ -116,33 +206,34 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmArgs a) {
   }
   __syncthreads();
 
-  const T* A = static_cast<const T*>(a.a);
   const T* B = static_cast<const T*>(a.b) + tile.group * a.stride_bg;
-  const bool b_n_fast = a.stride_bn == 1 || a.stride_bk != 1;  // coalesce along B's unit stride
-  TileAcc<T> acc;
-  for (int64_t k0 = 0; k0 < a.K; k0 += BK) {
-    for (int i = tid; i < BM * BK; i += kThreads) {
-      const int r = i / BK, kk = i % BK;
-      const int64_t row = s_arow[r], k = k0 + kk;
-      sA[r * LDA + kk] = (row >= 0 && k < a.K) ? A[row * a.stride_am + k * a.stride_ak] : from_f<T>(0.0f);
-    }
-    for (int i = tid; i < BK * BN; i += kThreads) {
-      const int kk = b_n_fast ? i / BN : i % BK, c = b_n_fast ? i % BN : i / BK;
-      const int64_t k = k0 + kk;
-      int64_t col = col0 + c;
-      bool ok = col < a.N;
-      if (SWIGLU && !DACT) {
-        const int half = c / BNO;
-        col = col0 + c % BNO;
-        ok = col < a.N;
-        col += half * a.N;
-      }
-      sB[kk * LDB + c] = (ok && k < a.K) ? B[k * a.stride_bk + col * a.stride_bn] : from_f<T>(0.0f);
-    }
-    __syncthreads();
-    acc.mma(sA, sB);
-    __syncthreads();
+  const int64_t b_unit = BT ? a.stride_bn : a.stride_bk;  // stride between 16-byte chunks
+  const TileLoader<T, kGateUp, BT> load{
+      static_cast<const T*>(a.a), B, s_arow, a.K, a.N, col0,
+      a.stride_am, a.stride_ak, a.stride_bk, a.stride_bn,
+      a.stride_ak == 1 && a.K % V == 0 && a.stride_am % V == 0 && aligned16(a.a),
+      (BT ? a.stride_bk : a.stride_bn) == 1 && (BT ? a.K : a.N) % V == 0 && b_unit % V == 0 &&
+          a.stride_bg % V == 0 && aligned16(a.b)};
+  const int64_t k_tiles = (a.K + BK - 1) / BK;
+  for (int s = 0; s < S - 1; ++s) {  // prologue: the first S - 1 K steps in flight
+    if (s < k_tiles) load(ring + s * (kTileA + kTileB), ring + s * (kTileA + kTileB) + kTileA, s * BK);
+    cp_async_commit();
   }
+  TileAcc<T> acc;
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<S - 2>();  // this thread's copies for step kt have landed
+    __syncthreads();         // everyone's have, and everyone is done with step kt - 1
+    const int64_t next = kt + S - 1;
+    if (next < k_tiles) {
+      T* st = ring + (next % S) * (kTileA + kTileB);  // the stage step kt - 1 used
+      load(st, st + kTileA, next * BK);
+    }
+    cp_async_commit();
+    const T* st = ring + (kt % S) * (kTileA + kTileB);
+    acc.template mma<BT>(st, st + kTileA);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
   acc.store(sC);
   __syncthreads();
 
@@ -199,12 +290,14 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmArgs a) {
 
 template <bool DACT>
 cudaError_t launch_gemm(const GemmArgs& a, cudaStream_t stream) {
-  const bool swiglu = a.act == kSwiglu;
+  const bool swiglu = a.act == kSwiglu, bt = a.stride_bk == 1 && a.stride_bn != 1;
   const int64_t bno = (swiglu && !DACT) ? BN / 2 : BN;
   const int64_t blocks = ((a.M + BM - 1) / BM + a.groups) * ((a.N + bno - 1) / bno);
   MOE_DISPATCH(a.dtype, T, {
-    auto kfn = swiglu ? gemm_kernel<T, DACT, true> : gemm_kernel<T, DACT, false>;
-    MOE_LAUNCH(kfn, static_cast<unsigned>(blocks), kThreads, kGemmSmem, stream, a);
+    auto kfn = swiglu ? (bt ? gemm_kernel<T, DACT, true, true> : gemm_kernel<T, DACT, true, false>)
+                      : (bt ? gemm_kernel<T, DACT, false, true> : gemm_kernel<T, DACT, false, false>);
+    MOE_ALLOW_SMEM(kfn, gemm_smem<T>());
+    MOE_LAUNCH(kfn, static_cast<unsigned>(blocks), kThreads, gemm_smem<T>(), stream, a);
   });
   return MOE_LAUNCH_STATUS();
 }
@@ -212,13 +305,14 @@ cudaError_t launch_gemm(const GemmArgs& a, cudaStream_t stream) {
 cudaError_t gemm_forward(const GemmArgs& a, cudaStream_t stream) { return launch_gemm<false>(a, stream); }
 cudaError_t gemm_dact(const GemmArgs& a, cudaStream_t stream) { return launch_gemm<true>(a, stream); }
 
-// dW[g][k0:k0+64, n0:n0+128] = act(A[rows])^T @ (scale * B[rows]) over group g's rows, 32
-// rows at a time; the A^T tile is the "A" operand of the same 64x128 tile product.
+// dW[g][k0:k0+128, n0:n0+128] = act(A[rows])^T @ (scale * B[rows]) over group g's rows, 32
+// rows at a time; the A^T tile is the "A" operand of the same 128x128 tile product. Tiles are
+// loaded element by element (the activation and scale are applied on the way), one stage.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs a) {
   MOE_DYNAMIC_SMEM(raw);
   T* sA = reinterpret_cast<T*>(raw);
-  T* sB = sA + BM * LDA;
+  T* sB = sA + kTileA;
   float* sC = reinterpret_cast<float*>(raw);
   __shared__ int64_t s_arow[BK], s_brow[BK];
   __shared__ float s_scale[BK];
@@ -262,7 +356,7 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs a)
     __syncthreads();
     if (bias_tile && tid < BN)
       for (int r = 0; r < BK; ++r) bsum += to_f(sB[r * LDB + tid]);
-    acc.mma(sA, sB);
+    acc.template mma<false>(sA, sB);
     __syncthreads();
   }
   acc.store(sC);
@@ -282,7 +376,10 @@ cudaError_t weight_grad(const WeightGradArgs& a, cudaStream_t stream) {
                   static_cast<unsigned>(((a.KA + BM - 1) / BM) * ((a.NB + BN - 1) / BN)));
   MOE_DISPATCH(a.dtype, T, {
     auto kfn = weight_grad_kernel<T>;
-    MOE_LAUNCH(kfn, grid, kThreads, kGemmSmem, stream, a);
+    constexpr size_t tiles = sizeof(T) * (kTileA + kTileB), result = sizeof(float) * BM * LDC;
+    constexpr size_t smem = tiles > result ? tiles : result;
+    MOE_ALLOW_SMEM(kfn, smem);
+    MOE_LAUNCH(kfn, grid, kThreads, smem, stream, a);
   });
   return MOE_LAUNCH_STATUS();
 }

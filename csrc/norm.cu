@@ -57,10 +57,7 @@ cudaError_t norm_forward(const NormArgs& a, cudaStream_t stream) {
   const size_t smem = sizeof(float) * (kThreads + a.N);
   MOE_DISPATCH(a.dtype, T, {
     auto kfn = norm_kernel<T>;
-#ifndef MOE_EMULATE
-    if (smem > 48 * 1024)
-      cudaFuncSetAttribute(kfn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-#endif
+    MOE_ALLOW_SMEM(kfn, smem);
     MOE_LAUNCH(kfn, static_cast<unsigned>(a.T), kThreads, smem, stream, a);
   });
   return MOE_LAUNCH_STATUS();
@@ -112,10 +109,7 @@ cudaError_t norm_backward(const NormBwdArgs& a, cudaStream_t stream) {
   MOE_DISPATCH(a.dtype, T, {
     MOE_DISPATCH(a.dy_dtype, TD, {
       auto kfn = norm_bwd_kernel<T, TD>;
-#ifndef MOE_EMULATE
-      if (smem > 48 * 1024)
-        cudaFuncSetAttribute(kfn, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-#endif
+      MOE_ALLOW_SMEM(kfn, smem);
       MOE_LAUNCH(kfn, blocks, kThreads, smem, stream, a);
     });
   });

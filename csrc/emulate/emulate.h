@@ -8,7 +8,9 @@
 // reported as an error, as it is a bug on a GPU). Blocks run one after another. Shared memory
 // is shared by the block's fibers; dynamic shared memory is filled with 0xFF bytes (NaN /
 // -1) before each block, so reads of unwritten shared memory show. WMMA fragments hold whole
-// 16x16 tiles, computed by lane 0 of each warp in fp32.
+// 16x16 tiles, computed by lane 0 of each warp in fp32. cp.async copies are queued per thread
+// and performed only when that thread waits for their group, so a read of a stage before its
+// wait sees stale bytes, as it may on a GPU.
 //
 // Not emulated (checked on the GPU instead): memory-model races, warp-level primitives,
 // alignment, and timing.
@@ -21,9 +23,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <deque>
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -55,7 +60,19 @@ struct Fiber {
   bool done = false;
 };
 
+// A thread's cp.async copies: the open group and the committed ones, oldest first.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+struct AsyncQueue {
+  std::vector<AsyncCopy> open;
+  std::deque<std::vector<AsyncCopy>> committed;
+};
+
 inline ucontext_t scheduler;
+inline std::vector<AsyncQueue> async_queues;
 inline std::vector<Fiber> fibers;
 inline std::vector<unsigned char> smem;
 inline int current = 0;
@@ -71,6 +88,30 @@ inline void fiber_entry() {
 
 inline void syncthreads() { swapcontext(&fibers[current].ctx, &scheduler); }
 
+inline void cp_async16(void* dst, const void* src, bool valid) {
+  async_queues[current].open.push_back({dst, src, valid});
+}
+
+inline void cp_async_commit() {
+  AsyncQueue& q = async_queues[current];
+  q.committed.push_back(std::move(q.open));
+  q.open.clear();
+}
+
+template <int N>
+inline void cp_async_wait() {
+  AsyncQueue& q = async_queues[current];
+  while (q.committed.size() > static_cast<size_t>(N)) {
+    for (const AsyncCopy& c : q.committed.front()) {
+      if (c.valid)
+        std::memcpy(c.dst, c.src, 16);
+      else
+        std::memset(c.dst, 0, 16);
+    }
+    q.committed.pop_front();
+  }
+}
+
 inline void set_thread(int i) {
   current = i;
   thread_idx = dim3(i % block_dim.x, (i / block_dim.x) % block_dim.y,
@@ -78,6 +119,7 @@ inline void set_thread(int i) {
 }
 
 inline void run_block(int n) {
+  async_queues.assign(n, AsyncQueue{});  // copies left in flight at exit are dropped
   for (int i = 0; i < n; ++i) {
     Fiber& f = fibers[i];
     f.done = false;
@@ -140,6 +182,7 @@ struct matrix_a {};
 struct matrix_b {};
 struct accumulator {};
 struct row_major {};
+struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
 
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
@@ -154,17 +197,19 @@ inline void fill_fragment(F& f, float v) {
   for (auto& e : f.x) e = v;
 }
 
+// Fragments hold their tile row-major whatever the memory layout they were loaded from.
 template <typename Use, typename T, typename L>
 inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
   if (!lane0()) return;
+  constexpr bool col = std::is_same<L, col_major>::value;
   for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = p[r * ldm + c];
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = col ? p[c * ldm + r] : p[r * ldm + c];
 }
 
-template <typename T>
+template <typename T, typename LA, typename LB>
 inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
-                     const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
-                     const fragment<matrix_b, 16, 16, 16, T, row_major>& b,
+                     const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+                     const fragment<matrix_b, 16, 16, 16, T, LB>& b,
                      const fragment<accumulator, 16, 16, 16, float>& c) {
   if (!lane0()) return;
   for (int i = 0; i < 16; ++i)
