@@ -19,10 +19,10 @@
 namespace moe {
 
 constexpr int BM = 128, BN = kGemmBlockN, BK = 32;
-// Padded shared-memory rows: A [BM][LDA] k-fast, B [BK][LDB] n-fast or [BN][LDBT] k-fast,
-// the fp32 result tile [BM][LDC]. The pads keep every WMMA pointer 32-byte aligned and every
+// Padded shared-memory rows: A [BM][LDA] k-fast or [BK][LDAT] m-fast, B [BK][LDB] n-fast or
+// [BN][LDBT] k-fast, the fp32 result tile [BM][LDC]. The pads keep every WMMA pointer 32-byte aligned and every
 // cp.async destination 16-byte aligned.
-constexpr int LDA = BK + 8, LDB = BN + 8, LDBT = BK + 8, LDC = BN + 4;
+constexpr int LDA = BK + 8, LDAT = BM + 8, LDB = BN + 8, LDBT = BK + 8, LDC = BN + 4;
 constexpr int kTileA = BM * LDA, kTileB = BK * LDB > BN * LDBT ? BK * LDB : BN * LDBT;
 static_assert(kTileA % 64 == 0 && kTileB % 64 == 0, "stage bases must stay 128-byte aligned");
 
@@ -35,8 +35,8 @@ constexpr size_t gemm_smem() {
   return ring > result ? ring : result;
 }
 
-// Accumulator of a 128x128 tile from A [BM][LDA] and B (n-fast [BK][LDB], or k-fast
-// [BN][LDBT] when BT) in shared memory. fp16/bf16: 8 warps as 2 x 4, each 64x32 = 4 x 2 WMMA
+// Accumulator of a 128x128 tile from A (k-fast [BM][LDA], or m-fast [BK][LDAT] when AT) and
+// B (n-fast [BK][LDB], or k-fast [BN][LDBT] when BT) in shared memory. fp16/bf16: 8 warps as 2 x 4, each 64x32 = 4 x 2 WMMA
 // 16x16x16 fragments.
 template <typename T>
 struct TileAcc {
@@ -45,15 +45,22 @@ struct TileAcc {
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(f[i][j], 0.0f);
   }
-  template <bool BT>
+  template <bool AT, bool BT>
   __device__ void mma(const T* sA, const T* sB) {
     using namespace nvcuda;
+    using LayoutA = typename std::conditional<AT, wmma::col_major, wmma::row_major>::type;
     using LayoutB = typename std::conditional<BT, wmma::col_major, wmma::row_major>::type;
     const int warp = threadIdx.x / 32, wm = warp / 4, wn = warp % 4;
     for (int kk = 0; kk < BK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[4];
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> fa[4];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> fb[2];
-      for (int i = 0; i < 4; ++i) wmma::load_matrix_sync(fa[i], sA + (wm * 64 + i * 16) * LDA + kk, LDA);
+      for (int i = 0; i < 4; ++i) {
+        const int m = wm * 64 + i * 16;
+        if (AT)
+          wmma::load_matrix_sync(fa[i], sA + kk * LDAT + m, LDAT);
+        else
+          wmma::load_matrix_sync(fa[i], sA + m * LDA + kk, LDA);
+      }
       for (int j = 0; j < 2; ++j) {
         const int n = wn * 32 + j * 16;
         if (BT)
@@ -82,12 +89,15 @@ struct TileAcc<float> {
     for (int i = 0; i < 8; ++i)
       for (int j = 0; j < 8; ++j) v[i][j] = 0.0f;
   }
-  template <bool BT>
+  template <bool AT, bool BT>
   __device__ void mma(const float* sA, const float* sB) {
     const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
     for (int kk = 0; kk < BK; ++kk) {
       float ar[8], bc[8];
-      for (int i = 0; i < 8; ++i) ar[i] = sA[(ty + 16 * i) * LDA + kk];
+      for (int i = 0; i < 8; ++i) {
+        const int m = ty + 16 * i;
+        ar[i] = AT ? sA[kk * LDAT + m] : sA[m * LDA + kk];
+      }
       for (int j = 0; j < 8; ++j) {
         const int n = tx + 16 * j;
         bc[j] = BT ? sB[n * LDBT + kk] : sB[kk * LDB + n];
@@ -230,7 +240,7 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmArgs a) {
     }
     cp_async_commit();
     const T* st = ring + (kt % S) * (kTileA + kTileB);
-    acc.template mma<BT>(st, st + kTileA);
+    acc.template mma<false, BT>(st, st + kTileA);
   }
   cp_async_wait<0>();
   __syncthreads();
@@ -306,59 +316,108 @@ cudaError_t gemm_forward(const GemmArgs& a, cudaStream_t stream) { return launch
 cudaError_t gemm_dact(const GemmArgs& a, cudaStream_t stream) { return launch_gemm<true>(a, stream); }
 
 // dW[g][k0:k0+128, n0:n0+128] = act(A[rows])^T @ (scale * B[rows]) over group g's rows, 32
-// rows at a time; the A^T tile is the "A" operand of the same 128x128 tile product. Tiles are
-// loaded element by element (the activation and scale are applied on the way), one stage.
+// rows per K step through the same shared-memory ring as the GEMM above. A stage holds the
+// raw rows: A [BK][LDAT] (with the up half beside it for SwiGLU) and B [BK][LDB]; when there
+// is an activation or a scale, act(A) * scale is formed in place before the tile product,
+// which reads A m-fast (col_major fragments), so both operands are copied as they lie.
+constexpr int kStageW = 3 * BK * LDAT;  // A, SwiGLU up half, B (LDB == LDAT)
+static_assert(LDB == LDAT && BM == BN && kStageW % 64 == 0, "weight-gradient stage layout");
+
+template <typename T>
+constexpr size_t weight_grad_smem() {
+  const size_t ring = sizeof(T) * kStages<T> * kStageW, result = sizeof(float) * BM * LDC;
+  return ring > result ? ring : result;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs a) {
   MOE_DYNAMIC_SMEM(raw);
-  T* sA = reinterpret_cast<T*>(raw);
-  T* sB = sA + kTileA;
+  constexpr int S = kStages<T>, V = 16 / sizeof(T);
+  T* ring = reinterpret_cast<T*>(raw);  // stage s: A, up half, B at s * kStageW
   float* sC = reinterpret_cast<float*>(raw);
-  __shared__ int64_t s_arow[BK], s_brow[BK];
-  __shared__ float s_scale[BK];
+  __shared__ float s_scale[S][BK];
   const int tid = threadIdx.x;
   const int64_t g = blockIdx.x, n_tiles = (a.NB + BN - 1) / BN;
   const int64_t k0 = (blockIdx.y / n_tiles) * BM, n0 = (blockIdx.y % n_tiles) * BN;
   const int64_t lo = a.groups ? a.offsets[g] : 0, hi = a.groups ? a.offsets[g + 1] : a.M;
-  const bool bias_tile = a.db && k0 == 0;
+  const bool bias_tile = a.db && k0 == 0, swiglu = a.a_act == kSwiglu;
+  const bool transform = a.a_act != kIdentity || a.scale;
   const T* A = static_cast<const T*>(a.a);
   const T* B = static_cast<const T*>(a.b);
+  const bool vec_a = a.stride_ak == 1 && a.KA % V == 0 && a.stride_am % V == 0 && aligned16(A);
+  const bool vec_b = a.stride_bn == 1 && a.NB % V == 0 && a.stride_bm % V == 0 && aligned16(B);
+
+  // Issue the copies of rows r0 .. r0 + BK into stage st (and record each row's scale).
+  auto load = [&](int st, int64_t r0) {
+    T* sA = ring + st * kStageW;
+    T* sU = sA + BK * LDAT;
+    T* sB = sU + BK * LDAT;
+    for (int i = tid; i < BK * (BM / V); i += kThreads) {
+      const int r = i / (BM / V), c = (i % (BM / V)) * V;
+      const int64_t row = r0 + r;
+      const bool ok = row < hi;
+      const int64_t pair = (ok && a.pair_ids) ? a.pair_ids[row] : row;
+      const int64_t arow = !ok ? -1 : (a.a_gather_div > 0 ? pair / a.a_gather_div : row);
+      const int64_t brow = !ok ? -1 : (a.b_gather_div > 0 ? pair / a.b_gather_div : row);
+      if (c == 0) s_scale[st][r] = (ok && a.scale) ? a.scale[pair] : 1.0f;
+      for (int half = 0; half < (swiglu ? 2 : 1); ++half) {  // A, then the up half
+        const int64_t k = k0 + c;
+        T* dst = (half ? sU : sA) + r * LDAT + c;
+        if (vec_a) {
+          const bool in = arow >= 0 && k < a.KA;
+          cp_async16(dst, in ? A + arow * a.stride_am + k + half * a.KA : A, in);
+        } else {
+          for (int e = 0; e < V; ++e)
+            dst[e] = (arow >= 0 && k + e < a.KA)
+                         ? A[arow * a.stride_am + (k + e + half * a.KA) * a.stride_ak]
+                         : from_f<T>(0.0f);
+        }
+      }
+      const int64_t col = n0 + c;
+      T* dst = sB + r * LDB + c;
+      if (vec_b) {
+        const bool in = brow >= 0 && col < a.NB;
+        cp_async16(dst, in ? B + brow * a.stride_bm + col : B, in);
+      } else {
+        for (int e = 0; e < V; ++e)
+          dst[e] = (brow >= 0 && col + e < a.NB) ? B[brow * a.stride_bm + (col + e) * a.stride_bn]
+                                                 : from_f<T>(0.0f);
+      }
+    }
+  };
+
+  const int64_t steps = (hi - lo + BK - 1) / BK;
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < steps) load(s, lo + s * BK);
+    cp_async_commit();
+  }
   float bsum = 0.0f;
   TileAcc<T> acc;
-  for (int64_t r0 = lo; r0 < hi; r0 += BK) {
-    if (tid < BK) {
-      const int64_t r = r0 + tid;
-      const bool ok = r < hi;
-      const int64_t pair = (ok && a.pair_ids) ? a.pair_ids[r] : r;
-      s_arow[tid] = !ok ? -1 : (a.a_gather_div > 0 ? pair / a.a_gather_div : r);
-      s_brow[tid] = !ok ? -1 : (a.b_gather_div > 0 ? pair / a.b_gather_div : r);
-      s_scale[tid] = (ok && a.scale) ? a.scale[pair] : 1.0f;
-    }
+  for (int64_t kt = 0; kt < steps; ++kt) {
+    cp_async_wait<S - 2>();
     __syncthreads();
-    for (int i = tid; i < BM * BK; i += kThreads) {  // sA[kk][r] = act(A[row r][k0 + kk])
-      const int kk = i % BM, r = i / BM;
-      const int64_t row = s_arow[r], k = k0 + kk;
-      float v = 0.0f;
-      if (row >= 0 && k < a.KA) {
-        const float x = to_f(A[row * a.stride_am + k * a.stride_ak]);
-        v = a.a_act == kSwiglu ? x * sigmoid(x) * to_f(A[row * a.stride_am + (k + a.KA) * a.stride_ak])
-                               : act_fwd(x, a.a_act);
-      }
-      sA[kk * LDA + r] = from_f<T>(v);
-    }
-    for (int i = tid; i < BK * BN; i += kThreads) {
-      const int r = i / BN, c = i % BN;
-      const int64_t row = s_brow[r], col = n0 + c;
-      sB[r * LDB + c] = (row >= 0 && col < a.NB)
-                            ? from_f<T>(to_f(B[row * a.stride_bm + col * a.stride_bn]) * s_scale[r])
-                            : from_f<T>(0.0f);
-    }
-    __syncthreads();
+    const int64_t next = kt + S - 1;
+    if (next < steps) load(static_cast<int>(next % S), lo + next * BK);
+    cp_async_commit();
+    const int st = static_cast<int>(kt % S);
+    T* sA = ring + st * kStageW;
+    const T* sU = sA + BK * LDAT;
+    const T* sB = sU + BK * LDAT;
     if (bias_tile && tid < BN)
-      for (int r = 0; r < BK; ++r) bsum += to_f(sB[r * LDB + tid]);
-    acc.template mma<false>(sA, sB);
-    __syncthreads();
+      for (int r = 0; r < BK; ++r) bsum += s_scale[st][r] * to_f(sB[r * LDB + tid]);
+    if (transform) {  // block-uniform
+      for (int i = tid; i < BK * BM; i += kThreads) {
+        const int r = i / BM, m = i % BM;
+        const float x = to_f(sA[r * LDAT + m]);
+        const float h = swiglu ? x * sigmoid(x) * to_f(sU[r * LDAT + m]) : act_fwd(x, a.a_act);
+        sA[r * LDAT + m] = from_f<T>(h * s_scale[st][r]);
+      }
+      __syncthreads();
+    }
+    acc.template mma<true, false>(sA, sB);
   }
+  cp_async_wait<0>();
+  __syncthreads();
   acc.store(sC);
   __syncthreads();
   T* dw = static_cast<T*>(a.dw) + g * a.stride_wg;
@@ -376,10 +435,8 @@ cudaError_t weight_grad(const WeightGradArgs& a, cudaStream_t stream) {
                   static_cast<unsigned>(((a.KA + BM - 1) / BM) * ((a.NB + BN - 1) / BN)));
   MOE_DISPATCH(a.dtype, T, {
     auto kfn = weight_grad_kernel<T>;
-    constexpr size_t tiles = sizeof(T) * (kTileA + kTileB), result = sizeof(float) * BM * LDC;
-    constexpr size_t smem = tiles > result ? tiles : result;
-    MOE_ALLOW_SMEM(kfn, smem);
-    MOE_LAUNCH(kfn, grid, kThreads, smem, stream, a);
+    MOE_ALLOW_SMEM(kfn, weight_grad_smem<T>());
+    MOE_LAUNCH(kfn, grid, kThreads, weight_grad_smem<T>(), stream, a);
   });
   return MOE_LAUNCH_STATUS();
 }

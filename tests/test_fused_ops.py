@@ -327,6 +327,32 @@ def test_routed_backward_ops(dtype, activation, T, E, k, experts, kn):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["identity", "silu", "swiglu"])
+@pytest.mark.parametrize("NB", [24, 17])
+def test_weight_grad_over_long_row_ranges(dtype, activation, NB, kn):
+    """weight_grad_op with each used expert owning 100 rows (several K steps of the kernels'
+    row loop, so multi-stage pipelines wrap around), gathered and gate-scaled B rows, empty
+    experts, and an odd width (no vectorised loads) against a per-expert matmul."""
+    T, E, k, KA = 100, 4, 2, 40
+    ids, sorted_pair, offsets = routing_case(T, E, k, [1, 3])
+    a = randn(T * k, 2 * KA if activation == "swiglu" else KA, dtype=dtype)
+    b = randn(T, NB, dtype=dtype)
+    scale = torch.rand(T * k, device=DEVICE) + 0.5
+    dw, db = kn.weight_grad_op(a, b, offsets, sorted_pair, 0, k, scale, activation, True)
+    h = reference.activation(a.float(), activation)
+    sp = sorted_pair.long()
+    for e in range(E):
+        lo, hi = offsets[e].item(), offsets[e + 1].item()
+        pairs = sp[lo:hi]
+        rows_b = b.float()[pairs // k] * scale[pairs, None]
+        if hi == lo:
+            assert not dw[e].any() and not db[e].any()
+            continue
+        assert rel_err(dw[e], h[lo:hi].t() @ rows_b) < TOL[dtype], e
+        assert rel_err(db[e], rows_b.sum(0)) < TOL[dtype], e
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_backward_ops(dtype, kn):
     M, K, S, N = 45, 40, 56, 24
     a, w1, w2 = randn(M, K, dtype=dtype), randn(K, S, dtype=dtype, scale=0.3), randn(
