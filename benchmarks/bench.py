@@ -74,7 +74,28 @@ def peak_memory(fn, device: str) -> int | None:
     return torch.cuda.max_memory_allocated()
 
 
-def measure(name, model, x, mode, bench, device, flops_per_token):
+def graphed(fn, grads):
+    """fn captured in a CUDA graph after a warm-up on a side stream (kernels compiled, gradient
+    buffers allocated); returns the graph's replay. The captured backward accumulates into the
+    gradient buffers that exist at capture time."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    for t in grads:
+        if t.grad is not None:
+            t.grad.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def measure(name, model, x, mode, bench, device, flops_per_token, graphs=False):
+    """Median time of one forward (no grad) or forward+backward of ``model`` on x, eager or
+    replayed from a CUDA graph, and the peak memory above what was allocated before (eager)."""
     xin = x.detach().requires_grad_(mode == "fwd+bwd")
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -91,9 +112,14 @@ def measure(name, model, x, mode, bench, device, flops_per_token):
 
     fn = fwd if mode == "fwd" else fwdbwd
     grads = params + [xin] if mode == "fwd+bwd" else []
-    ms = bench(fn, grads)
+    if graphs:
+        fn()  # the gradients exist during timed runs too
+    else:
+        ms = bench(fn, grads)
     base = torch.cuda.memory_allocated() if device == "cuda" else 0
     peak = peak_memory(fn, device)
+    if graphs:
+        ms = bench(graphed(fn, grads))
     flops = flops_per_token * x.shape[0] * (1 if mode == "fwd" else 3)
     return {"model": name, "tokens": x.shape[0], "mode": mode, "ms": ms,
             "tflops": flops / ms / 1e9, "peak_bytes": None if peak is None else peak - base}
@@ -164,6 +190,9 @@ def parse_args(argv):
                    help="MoE backends to time (default: every available one)")
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     p.add_argument("--device", default=None, choices=["cuda", "cpu"])
+    p.add_argument("--graphs", action="store_true",
+                   help="GPU: time every model (dense too) replayed from a CUDA graph instead of "
+                        "eager, which removes the host's launch overhead (matters at small T)")
     p.add_argument("--json", default="moe_adapter_bench.json", help="where to write results")
     p.add_argument("--markdown", default=None, help="also write the table as markdown here")
     p.add_argument("--plot", default=None,
@@ -179,6 +208,9 @@ def main(argv=None) -> int:
     tokens = args.tokens or (GPU_TOKENS if gpu else CPU_TOKENS)
     dtype = DTYPES[args.dtype or ("bfloat16" if gpu else "float32")]
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    if args.graphs and not gpu:
+        say("--graphs needs a CUDA GPU")
+        return 2
     status = 0
     if not gpu:
         say("No CUDA GPU: running the correctness self-check and a reduced CPU benchmark of "
@@ -195,7 +227,8 @@ def main(argv=None) -> int:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": torch.cuda.get_device_name() if gpu else cpu_name,
             "torch": torch.__version__, "package": __version__, "commit": git_commit(),
-            "dtype": str(dtype).replace("torch.", ""), "preset": args.preset}
+            "dtype": str(dtype).replace("torch.", ""), "preset": args.preset,
+            "execution": "cuda-graphs" if args.graphs else "eager"}
     try:
         import triton
         meta["triton"] = triton.__version__
@@ -224,7 +257,7 @@ def main(argv=None) -> int:
             for name, model, fpt in models:
                 i += 1
                 say(f"[{i}/{total}] T={T} {mode} {name} ...")
-                r = measure(name, model, x, mode, bench, device, fpt)
+                r = measure(name, model, x, mode, bench, device, fpt, args.graphs)
                 if gpu:
                     r["ceiling_share"] = r["tflops"] / meta["ceilings"]["matmul_tflops"]
                 if name == "dense":
@@ -237,8 +270,8 @@ def main(argv=None) -> int:
                                                  else ""))
                 rows.append(r)
     table = format_table(rows)
-    header = (f"{meta['device']}, {meta['dtype']}, torch {meta['torch']}, triton "
-              f"{meta['triton']}, commit {meta['commit']}, {meta['date']}")
+    header = (f"{meta['device']}, {meta['dtype']}, {meta['execution']}, torch {meta['torch']}, "
+              f"triton {meta['triton']}, commit {meta['commit']}, {meta['date']}")
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "results": rows}, f, indent=2)
     if args.markdown:

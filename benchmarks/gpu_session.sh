@@ -26,7 +26,9 @@ for stage in $stages; do
            cp moe_adapter_kernels/ops/tuned/*.json "$OUT/" 2>/dev/null ;;
     bench) run python -m benchmarks.kernels --json "$OUT/kernels.json"
            run python -m moe_adapter_kernels.cli bench --json "$OUT/bench.json" \
-               --markdown "$OUT/bench.md" --plot "$OUT/bench.png" ;;
+               --markdown "$OUT/bench.md" --plot "$OUT/bench.png"
+           run python -m moe_adapter_kernels.cli bench --graphs --tokens 512 2048 8192 \
+               --json "$OUT/bench-graphs.json" --markdown "$OUT/bench-graphs.md" ;;
     *) echo "unknown stage $stage (build, tests, tune, bench)"; exit 2 ;;
   esac
 done

@@ -82,3 +82,11 @@ def test_tuning_records_picks_and_saves(tmp_path, monkeypatch):
         assert "fwd|grouped-swiglu|float32|N24|K72|M256" in saved  # 40 tokens x 4 slots
     finally:
         tuning.table.cache_clear()
+
+
+def test_bench_graphs_needs_a_gpu(capsys):
+    from benchmarks.bench import main
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; tests/test_gpu.py runs --graphs")
+    assert main(["--graphs", "--skip-check"]) == 2
+    assert "--graphs needs a CUDA GPU" in capsys.readouterr().err
