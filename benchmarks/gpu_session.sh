@@ -5,6 +5,8 @@
 #   tests  GPU tests and the self-check      tune   tile tuning (commit the JSON it writes)
 #   bench  per-kernel and adapter benchmarks
 # Everything lands under $OUT: session.log, the tuned configs, kernels.json, bench.json/.md.
+# GPU_TESTS_K selects GPU tests (pytest -k), e.g. GPU_TESTS_K=triton, to split a long test
+# stage over two device calls.
 # Usage on the device machine, from the repo root:  bash benchmarks/gpu_session.sh [stage...]
 set -uo pipefail
 OUT=${OUT:-/tmp/moe_out}
@@ -20,7 +22,8 @@ for stage in $stages; do
   case $stage in
     build) run pip install --no-build-isolation --no-deps -e .
            run python -c "from moe_adapter_kernels import backends; print(backends.status('cuda'))" ;;
-    tests) run python -m pytest -m gpu -q -rf tests/test_gpu.py
+    tests) run python -m pytest -m gpu -q -rf --durations=15 ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} \
+               tests/test_gpu.py
            run python -m moe_adapter_kernels.cli check --dtype float32 float16 bfloat16 ;;
     tune)  run python -m benchmarks.tune
            cp moe_adapter_kernels/ops/tuned/*.json "$OUT/" 2>/dev/null ;;

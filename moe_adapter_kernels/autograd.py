@@ -26,12 +26,22 @@ from . import reference
 from .config import MoEAdapterConfig
 
 # Op sets by backend name; ``moe_adapter_kernels.ops`` adds "triton" and
-# ``moe_adapter_kernels.cuda.ops`` adds "cuda" when they are imported.
+# ``moe_adapter_kernels.cuda.ops`` adds "cuda" when they are imported. EAGER_KERNELS holds,
+# where a set has them, the same ops' plain Python bodies, used outside torch.compile.
 KERNELS: dict = {}
+EAGER_KERNELS: dict = {}
 
 PARAMS = ("w_gate", "w1", "b1", "w2", "b2", "shared_w1", "shared_b1", "shared_w2", "shared_b2",
           "norm_in.weight", "norm_in.bias", "norm_mid.weight", "norm_mid.bias",
           "norm_out.weight", "norm_out.bias")
+
+
+def op_set(kernels: str):
+    """The ops of backend ``kernels``: the registered custom ops while torch.compile traces
+    (they are what it can see through), else their eager bodies when the set has them."""
+    if not torch.compiler.is_compiling() and kernels in EAGER_KERNELS:
+        return EAGER_KERNELS[kernels]
+    return KERNELS[kernels]
 
 
 def _norm(kn, x, prm, pos, cfg):
@@ -64,7 +74,7 @@ def fused_forward(cfg: MoEAdapterConfig, x, prm: dict, save: bool, kernels: str)
     """The forward pipeline on x [T, d_in] with the ``kernels`` op set. Returns (y, logits,
     topk_weights, topk_ids, saved) where saved holds what the backward needs (empty when
     ``save`` is False)."""
-    kn = KERNELS[kernels]
+    kn = op_set(kernels)
     k = cfg.top_k
     u, mean_in, rstd_in = _norm(kn, x, prm, "in", cfg)
     logits, ids, gates, block_counts = kn.route(u, prm["w_gate"], k)
@@ -144,7 +154,7 @@ class MoEAdapterFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dlogits, dgates_aux, _):
-        cfg, kn = ctx.cfg, KERNELS[ctx.kernels]
+        cfg, kn = ctx.cfg, op_set(ctx.kernels)
         tensors = ctx.saved_tensors
         x = tensors[0]
         prm = dict(zip(PARAMS, tensors[1:1 + len(PARAMS)]))

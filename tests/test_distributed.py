@@ -57,8 +57,13 @@ def worker(rank, world, port, mode, out):
             grads[name] = g.full_tensor() if hasattr(g, "full_tensor") else g
         if rank == 0:
             torch.save(grads, out)
+        dist.barrier()  # neither rank tears gloo down while the other still uses it
     finally:
         dist.destroy_process_group()
+    # Leave without interpreter finalization: gloo's threads can still hold work objects whose
+    # destruction during teardown aborts the process ("terminate called without an active
+    # exception", seen ~1 run in 10 on torch 2.13). Everything this test needs is written.
+    os._exit(0)
 
 
 def free_port():

@@ -86,3 +86,27 @@ def test_float64_router_is_torch_only(backend):
     _, fused = pair(small_config(router_dtype="float64"), torch.float32, backend)
     with pytest.raises(ValueError, match="router_dtype"), torch.no_grad():
         fused(torch.randn(3, 72, device=DEVICE))
+
+
+def test_eager_bodies_and_registered_ops_agree(backend, monkeypatch):
+    """Outside torch.compile the wiring calls the ops' plain bodies (less host overhead); the
+    registered custom ops (what torch.compile sees) give bit-identical forward and backward."""
+    from moe_adapter_kernels import autograd
+    cfg = small_config()
+    _, fused = pair(cfg, torch.float32, backend)
+    x = torch.randn(40, cfg.d_in, device=DEVICE)
+
+    def run():
+        xi = x.clone().requires_grad_(True)
+        fused.zero_grad(set_to_none=True)
+        y = fused(xi)
+        (y.square().sum() + fused.aux_loss).backward()
+        return [y.detach(), xi.grad] + [p.grad for p in fused.parameters()]
+
+    eager = run()
+    if backend == "triton":
+        assert autograd.op_set("triton") is autograd.EAGER_KERNELS["triton"]
+    monkeypatch.setattr(autograd, "EAGER_KERNELS", {})
+    assert autograd.op_set(backend) is autograd.KERNELS[backend]
+    registered = run()
+    assert all(torch.equal(a, b) for a, b in zip(eager, registered))

@@ -13,7 +13,7 @@ shapes and dtypes; floating inputs may be fp32, fp16 or bf16, accumulation is fp
 
 import types
 
-from ..autograd import KERNELS, MoEAdapterFunction, moe_adapter_forward
+from ..autograd import EAGER_KERNELS, KERNELS, MoEAdapterFunction, moe_adapter_forward
 from .combine import combine
 from .grouped_gemm import (expert_dact, expert_down, expert_dx, expert_up, grouped_dact,
                            grouped_gemm, linear, linear_dact)
@@ -26,6 +26,8 @@ KERNELS["triton"] = types.SimpleNamespace(
     norm=norm, norm_bwd=norm_bwd, route=route, permute=permute, expert_up=expert_up,
     expert_down=expert_down, linear=linear, combine=combine, expert_dact=expert_dact,
     linear_dact=linear_dact, expert_dx=expert_dx, weight_grad_op=weight_grad_op)
+EAGER_KERNELS["triton"] = types.SimpleNamespace(
+    **{name: op.eager for name, op in vars(KERNELS["triton"]).items()})
 
 
 def grouped_mlp(u, w1, w2, sorted_pair, expert_offsets, topk_weights, top_k: int,

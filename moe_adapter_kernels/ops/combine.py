@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, check_tensor, pow2
+from ._common import check, custom_op, check_tensor, pow2
 from .norm import NORM_CODES, _norm_row
 
 
@@ -64,7 +64,7 @@ def combine_forward(y_pairs: torch.Tensor, top_k: int, shared: torch.Tensor | No
     return y, mean, rstd, z
 
 
-@torch.library.custom_op("moe_adapter::combine", mutates_args=())
+@custom_op("moe_adapter::combine")
 def combine(y_pairs: torch.Tensor, shared: torch.Tensor | None, top_k: int, norm: str,
             weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
             save_sum: bool = False

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from ._common import check, check_tensor, dot_in_fp32, interpreting
+from ._common import check, custom_op, check_tensor, dot_in_fp32, interpreting
 
 ACTIVATIONS = {"none": 0, "identity": 0, "silu": 1, "swiglu": 2, "gelu": 3}
 SQRT1_2 = tl.constexpr(0.7071067811865476)
@@ -357,7 +357,7 @@ def grouped_dact(dc: torch.Tensor, w: torch.Tensor, preact: torch.Tensor, activa
     return dpre, dgate
 
 
-@torch.library.custom_op("moe_adapter::expert_up", mutates_args=())
+@custom_op("moe_adapter::expert_up")
 def expert_up(u: torch.Tensor, w1: torch.Tensor, sorted_pair: torch.Tensor,
               expert_offsets: torch.Tensor, top_k: int, activation: str,
               save_preact: bool = False, b1: torch.Tensor | None = None
@@ -378,7 +378,7 @@ def _(u, w1, sorted_pair, expert_offsets, top_k, activation, save_preact=False, 
     return u.new_empty(P, n), u.new_empty(P, w1.shape[-1]) if save_preact else u.new_empty(0)
 
 
-@torch.library.custom_op("moe_adapter::expert_down", mutates_args=())
+@custom_op("moe_adapter::expert_down")
 def expert_down(h: torch.Tensor, w2: torch.Tensor, sorted_pair: torch.Tensor,
                 expert_offsets: torch.Tensor, topk_weights: torch.Tensor,
                 b2: torch.Tensor | None = None) -> torch.Tensor:
@@ -394,7 +394,7 @@ def _(h, w2, sorted_pair, expert_offsets, topk_weights, b2=None):
     return h.new_empty(h.shape[0], w2.shape[-1])
 
 
-@torch.library.custom_op("moe_adapter::linear", mutates_args=())
+@custom_op("moe_adapter::linear")
 def linear(a: torch.Tensor, w: torch.Tensor, activation: str, save_preact: bool = False,
            bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense act(a [M, K] @ w [K, N] + bias [N]) (w may be a transposed view), for the shared
@@ -410,7 +410,7 @@ def _(a, w, activation, save_preact=False, bias=None):
                                         else a.new_empty(0))
 
 
-@torch.library.custom_op("moe_adapter::expert_dact", mutates_args=())
+@custom_op("moe_adapter::expert_dact")
 def expert_dact(dz: torch.Tensor, w2: torch.Tensor, preact: torch.Tensor,
                 sorted_pair: torch.Tensor, expert_offsets: torch.Tensor,
                 topk_weights: torch.Tensor, top_k: int, activation: str
@@ -431,7 +431,7 @@ def _(dz, w2, preact, sorted_pair, expert_offsets, topk_weights, top_k, activati
                                                             dtype=torch.float32)
 
 
-@torch.library.custom_op("moe_adapter::linear_dact", mutates_args=())
+@custom_op("moe_adapter::linear_dact")
 def linear_dact(dc: torch.Tensor, w: torch.Tensor, preact: torch.Tensor, activation: str
                 ) -> torch.Tensor:
     """Backward of ``c = act(z) @ w`` into z: dc [M, N], w [F, N], preact z [M, F']."""
@@ -443,7 +443,7 @@ def _(dc, w, preact, activation):
     return torch.empty_like(preact)
 
 
-@torch.library.custom_op("moe_adapter::expert_dx", mutates_args=())
+@custom_op("moe_adapter::expert_dx")
 def expert_dx(dpreact: torch.Tensor, w1: torch.Tensor, sorted_pair: torch.Tensor,
               expert_offsets: torch.Tensor) -> torch.Tensor:
     """Input gradient of the routed up-projection per pair: dpreact [T*k, F'] (sorted) @

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, check_tensor, pow2
+from ._common import check, custom_op, check_tensor, pow2
 
 NORM_CODES = {"layernorm": 0, "rmsnorm": 1}
 
@@ -130,7 +130,7 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, kind: str, weight, bias, me
     return dx, dweight, dbias
 
 
-@torch.library.custom_op("moe_adapter::norm", mutates_args=())
+@custom_op("moe_adapter::norm")
 def norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, kind: str,
          eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch op of :func:`norm_forward`: (y [T, N], mean [T] fp32, rstd [T] fp32)."""
@@ -144,7 +144,7 @@ def _(x, weight, bias, kind, eps):
             x.new_empty(T, dtype=torch.float32))
 
 
-@torch.library.custom_op("moe_adapter::norm_backward", mutates_args=())
+@custom_op("moe_adapter::norm_backward")
 def norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
              bias: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor, kind: str
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, check_tensor, pow2
+from ._common import check, custom_op, check_tensor, pow2
 from .router import BLOCK_T
 
 
@@ -64,7 +64,7 @@ def permute_forward(topk_ids: torch.Tensor, block_counts: torch.Tensor, num_expe
     return sorted_pair, pair_pos, offsets
 
 
-@torch.library.custom_op("moe_adapter::permute", mutates_args=())
+@custom_op("moe_adapter::permute")
 def permute(topk_ids: torch.Tensor, block_counts: torch.Tensor, num_experts: int
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch op of :func:`permute_forward`: (sorted_pair, pair_pos, expert_offsets)."""

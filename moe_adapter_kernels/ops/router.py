@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, check_tensor, pow2
+from ._common import check, custom_op, check_tensor, pow2
 
 BLOCK_T = 32  # tokens per router program; the permutation works on the same blocks
 
@@ -87,7 +87,7 @@ def route_forward(u: torch.Tensor, w_gate: torch.Tensor, top_k: int):
     return logits, ids, weights, block_counts
 
 
-@torch.library.custom_op("moe_adapter::route", mutates_args=())
+@custom_op("moe_adapter::route")
 def route(u: torch.Tensor, w_gate: torch.Tensor, top_k: int
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch op of :func:`route_forward`: (logits, topk_ids, topk_weights, block_counts)."""

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, dot_in_fp32, interpreting
+from ._common import check, custom_op, dot_in_fp32, interpreting
 from .grouped_gemm import ACTIVATIONS, _act, _source_rows
 
 
@@ -111,7 +111,7 @@ def weight_grad(a: torch.Tensor, b: torch.Tensor, *, offsets: torch.Tensor | Non
     return (dw, db) if bias_grad else dw
 
 
-@torch.library.custom_op("moe_adapter::weight_grad", mutates_args=())
+@custom_op("moe_adapter::weight_grad")
 def weight_grad_op(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor | None,
                    sorted_pair: torch.Tensor | None, a_gather_div: int, b_gather_div: int,
                    scale: torch.Tensor | None, a_activation: str, bias_grad: bool = False
