@@ -15,10 +15,9 @@ import sys
 
 import torch
 
+from benchmarks.bench import DTYPES, ceilings, timer
 from moe_adapter_kernels import MoEAdapter, MoEAdapterConfig, ops
 from moe_adapter_kernels.config import MOE_PRESETS
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def steps(model: MoEAdapter, x: torch.Tensor):
@@ -80,9 +79,6 @@ def main(argv=None) -> int:
         print("benchmarks.kernels needs a CUDA GPU (the Triton kernels only run interpreted on "
               "a CPU, where timings mean nothing); nothing measured.")
         return 0
-    import triton.testing
-
-    from benchmarks.bench import ceilings, timer
     bench = timer("cuda")
     ceil = ceilings(bench)
     print(f"{torch.cuda.get_device_name()}: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, "
@@ -95,7 +91,7 @@ def main(argv=None) -> int:
         x = torch.randn(T, model.config.d_in, device="cuda", dtype=dtype)
         with torch.no_grad():
             for name, fn, flops, nbytes in steps(model, x):
-                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                ms = bench(fn)
                 tflops, gbps = flops / ms / 1e9, nbytes / ms / 1e6
                 share = (tflops / ceil["matmul_tflops"] if flops > 10 * nbytes
                          else gbps / 1e3 / ceil["copy_tbps"])

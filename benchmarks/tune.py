@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from benchmarks.bench import DTYPES
 from moe_adapter_kernels import MoEAdapter, MoEAdapterConfig
 from moe_adapter_kernels.config import MOE_PRESETS
 from moe_adapter_kernels.ops import tuning
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192, 65536])
     ap.add_argument("--presets", nargs="+", default=["paper"], choices=list(MOE_PRESETS))
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.tune needs a CUDA GPU; nothing tuned.")
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     device = tuning.device_key()
     for preset in args.presets:
         model = MoEAdapter(MoEAdapterConfig.preset(preset), backend="triton").cuda().to(
-            getattr(torch, args.dtype))
+            DTYPES[args.dtype])
         print(f"tuning {preset} on {device}:", file=sys.stderr)
         tune_model(model, args.tokens, device, timer, log=lambda s: print(s, file=sys.stderr))
     print(f"wrote {tuning.save(device)}")
