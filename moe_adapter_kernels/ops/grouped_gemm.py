@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from ._common import check, custom_op, check_tensor, dot_in_fp32, interpreting
+from ._common import check, check_tensor, custom_op, dot_in_fp32, interpreting
 
 ACTIVATIONS = {"none": 0, "identity": 0, "silu": 1, "swiglu": 2, "gelu": 3}
 SQRT1_2 = tl.constexpr(0.7071067811865476)
@@ -97,14 +97,21 @@ def _source_rows(pair, rows, GATHER_DIV: tl.constexpr):
 
 
 @triton.jit
+def _pair_ids(PairIds, rows, ok, NEED_PAIR: tl.constexpr):
+    """64-bit pair ids of sorted rows, loaded only when NEED_PAIR (else the rows themselves,
+    which is all a caller that neither gathers, scatters nor scales uses them for)."""
+    if NEED_PAIR:
+        return tl.load(PairIds + rows, mask=ok, other=0).to(tl.int64)
+    else:
+        return rows.to(tl.int64)
+
+
+@triton.jit
 def _tile_operands(PairIds, rm, m_ok, pid_n, N, NEED_PAIR: tl.constexpr,
                    GATHER_DIV: tl.constexpr, BLOCK_N: tl.constexpr):
     """(pair ids, A rows, N columns, column mask) of a tile: A rows are gathered by
     pair // GATHER_DIV when GATHER_DIV > 0; pair ids are loaded only when NEED_PAIR."""
-    if NEED_PAIR:
-        pair = tl.load(PairIds + rm, mask=m_ok, other=0).to(tl.int64)
-    else:
-        pair = rm.to(tl.int64)
+    pair = _pair_ids(PairIds, rm, m_ok, NEED_PAIR)
     a_row = _source_rows(pair, rm, GATHER_DIV)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     return pair, a_row, rn, rn < N

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, custom_op, check_tensor, pow2
+from ._common import check, check_tensor, custom_op, pow2
 from .router import BLOCK_T
 
 

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, custom_op, check_tensor, pow2
+from ._common import check, check_tensor, custom_op, pow2
 
 BLOCK_T = 32  # tokens per router program; the permutation works on the same blocks
 

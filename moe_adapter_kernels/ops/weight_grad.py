@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from ._common import check, custom_op, dot_in_fp32, interpreting
-from .grouped_gemm import ACTIVATIONS, _act, _source_rows
+from .grouped_gemm import ACTIVATIONS, _act, _pair_ids, _source_rows
 
 
 @triton.jit
@@ -38,10 +38,7 @@ def _weight_grad_kernel(
     for r0 in range(lo, hi, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         r_ok = rows < hi
-        if A_GATHER_DIV > 0 or B_GATHER_DIV > 0 or HAS_SCALE:
-            pair = tl.load(PairIds + rows, mask=r_ok, other=0).to(tl.int64)
-        else:
-            pair = rows.to(tl.int64)
+        pair = _pair_ids(PairIds, rows, r_ok, A_GATHER_DIV > 0 or B_GATHER_DIV > 0 or HAS_SCALE)
         a_row = _source_rows(pair, rows, A_GATHER_DIV)
         b_row = _source_rows(pair, rows, B_GATHER_DIV)
         a_ptr = A + a_row[None, :] * stride_am + rk[:, None] * stride_ak
