@@ -130,6 +130,17 @@ __device__ __forceinline__ Tile find_tile(const int* offsets, int groups, int64_
   return {-1, 0, 0};
 }
 
+// Can an operand be copied in 16-byte chunks (V = 16 / sizeof(T) elements)? Its chunks run
+// along a unit stride over an extent that V divides, and the base and every other stride keep
+// each chunk 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ bool copy16(const void* base, int64_t unit_stride, int64_t extent,
+                                       int64_t other_stride, int64_t group_stride = 0) {
+  constexpr int V = 16 / sizeof(T);
+  return unit_stride == 1 && extent % V == 0 && other_stride % V == 0 && group_stride % V == 0 &&
+         reinterpret_cast<uintptr_t>(base) % 16 == 0;
+}
+
 // Copies 16-byte chunks (V elements) of the A rows and B columns of one K step into a stage
 // of the shared-memory ring: cp.async where the source chunk is 16-byte aligned and has unit
 // stride, else element by element. Out-of-range elements become zeros.
@@ -183,9 +194,6 @@ struct TileLoader {
   }
 };
 
-__device__ __forceinline__ bool aligned16(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
 
 // Forward (DACT false): c = act(A[rows] @ B[g] + bias) * scale. SWIGLU: the B tile holds 64
 // gate columns then the 64 matching up columns (b is [gate | up], N output columns).
@@ -200,7 +208,6 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmArgs a) {
   __shared__ int64_t s_arow[BM], s_pair[BM];
   constexpr bool kGateUp = SWIGLU && !DACT;
   constexpr int BNO = kGateUp ? BN / 2 : BN;  // output columns per tile
-  constexpr int V = 16 / sizeof(T);
   const int tid = threadIdx.x;
   const int64_t n_tiles = (a.N + BNO - 1) / BNO;
   const int64_t pid_m = blockIdx.x / n_tiles, pid_n = blockIdx.x % n_tiles;
@@ -217,13 +224,12 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmArgs a) {
   __syncthreads();
 
   const T* B = static_cast<const T*>(a.b) + tile.group * a.stride_bg;
-  const int64_t b_unit = BT ? a.stride_bn : a.stride_bk;  // stride between 16-byte chunks
   const TileLoader<T, kGateUp, BT> load{
       static_cast<const T*>(a.a), B, s_arow, a.K, a.N, col0,
       a.stride_am, a.stride_ak, a.stride_bk, a.stride_bn,
-      a.stride_ak == 1 && a.K % V == 0 && a.stride_am % V == 0 && aligned16(a.a),
-      (BT ? a.stride_bk : a.stride_bn) == 1 && (BT ? a.K : a.N) % V == 0 && b_unit % V == 0 &&
-          a.stride_bg % V == 0 && aligned16(a.b)};
+      copy16<T>(a.a, a.stride_ak, a.K, a.stride_am),
+      BT ? copy16<T>(a.b, a.stride_bk, a.K, a.stride_bn, a.stride_bg)
+         : copy16<T>(a.b, a.stride_bn, a.N, a.stride_bk, a.stride_bg)};
   const int64_t k_tiles = (a.K + BK - 1) / BK;
   for (int s = 0; s < S - 1; ++s) {  // prologue: the first S - 1 K steps in flight
     if (s < k_tiles) load(ring + s * (kTileA + kTileB), ring + s * (kTileA + kTileB) + kTileA, s * BK);
@@ -344,8 +350,8 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs a)
   const bool transform = a.a_act != kIdentity || a.scale;
   const T* A = static_cast<const T*>(a.a);
   const T* B = static_cast<const T*>(a.b);
-  const bool vec_a = a.stride_ak == 1 && a.KA % V == 0 && a.stride_am % V == 0 && aligned16(A);
-  const bool vec_b = a.stride_bn == 1 && a.NB % V == 0 && a.stride_bm % V == 0 && aligned16(B);
+  const bool vec_a = copy16<T>(A, a.stride_ak, a.KA, a.stride_am);
+  const bool vec_b = copy16<T>(B, a.stride_bn, a.NB, a.stride_bm);
 
   // Issue the copies of rows r0 .. r0 + BK into stage st (and record each row's scale).
   auto load = [&](int st, int64_t r0) {

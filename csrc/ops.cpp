@@ -63,19 +63,22 @@ void check(const Tensor& t, const char* op, const char* name, int64_t dim, bool 
               " must be contiguous (call .contiguous())");
 }
 
+void check_device(const Tensor& t, const Tensor& like, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == like.device(), "moe_adapter_cuda.", op, ": ", name, " is on ",
+              t.device(), ", expected ", like.device());
+}
+
 void check_same(const Tensor& t, const Tensor& like, const char* op, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), "moe_adapter_cuda.", op, ": ", name,
                    " has dtype ", t.scalar_type(), ", expected ", like.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == like.device(), "moe_adapter_cuda.", op, ": ", name, " is on ",
-              t.device(), ", expected ", like.device());
+  check_device(t, like, op, name);
 }
 
 void check_int(const Tensor& t, const Tensor& like, const char* op, const char* name) {
   check(t, op, name, 1);
   TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, "moe_adapter_cuda.", op, ": ", name,
                    " must be int32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == like.device(), "moe_adapter_cuda.", op, ": ", name, " is on ",
-              t.device(), ", expected ", like.device());
+  check_device(t, like, op, name);
 }
 
 const float* f32_ptr(const OptTensor& t, const Tensor& like, const char* op, const char* name) {
@@ -83,8 +86,7 @@ const float* f32_ptr(const OptTensor& t, const Tensor& like, const char* op, con
   check(*t, op, name, 1);
   TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "moe_adapter_cuda.", op, ": ", name,
                    " must be float32, got ", t->scalar_type());
-  TORCH_CHECK_VALUE(t->device() == like.device(), "moe_adapter_cuda.", op, ": ", name, " is on ",
-              t->device(), ", expected ", like.device());
+  check_device(*t, like, op, name);
   return t->data_ptr<float>();
 }
 

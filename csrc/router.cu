@@ -74,6 +74,7 @@ cudaError_t route(const RouteArgs& a, cudaStream_t stream) {
                       sizeof(int) * kRouterTokens * a.K;
   MOE_DISPATCH(a.dtype, T, {
     auto kfn = route_kernel<T>;
+    MOE_ALLOW_SMEM(kfn, smem);  // above 48 KiB for large E and k (e.g. E = k = 128)
     MOE_LAUNCH(kfn, blocks, kThreads, smem, stream, a);
   });
   return MOE_LAUNCH_STATUS();
