@@ -112,14 +112,10 @@ def measure(name, model, x, mode, bench, device, flops_per_token, graphs=False):
 
     fn = fwd if mode == "fwd" else fwdbwd
     grads = params + [xin] if mode == "fwd+bwd" else []
-    if graphs:
-        fn()  # the gradients exist during timed runs too
-    else:
-        ms = bench(fn, grads)
+    fn()  # compiles the kernels and allocates the gradients, which exist in timed runs too
     base = torch.cuda.memory_allocated() if device == "cuda" else 0
     peak = peak_memory(fn, device)
-    if graphs:
-        ms = bench(graphed(fn, grads))
+    ms = bench(graphed(fn, grads)) if graphs else bench(fn, grads)
     flops = flops_per_token * x.shape[0] * (1 if mode == "fwd" else 3)
     return {"model": name, "tokens": x.shape[0], "mode": mode, "ms": ms,
             "tflops": flops / ms / 1e9, "peak_bytes": None if peak is None else peak - base}
