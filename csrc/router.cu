@@ -8,6 +8,10 @@ namespace moe {
 
 constexpr int kSplit = kThreads / kRouterTokens;  // threads per token
 
+__device__ __forceinline__ bool ranks_above(float a, float b) {
+  return isnan(a) ? !isnan(b) : a > b;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) route_kernel(RouteArgs a) {
   MOE_DYNAMIC_SMEM(raw);
@@ -40,12 +44,14 @@ __global__ void __launch_bounds__(kThreads) route_kernel(RouteArgs a) {
     float* kept = s_kept + local * a.K;
     int* ids = s_ids + local * a.K;
     for (int e = 0; e < a.E; ++e) a.logits[t * a.E + e] = lg[e];
-    for (int j = 0; j < a.K; ++j) {  // repeated argmax, scanning up: ties keep the lowest e
+    // repeated argmax over the experts not taken yet, scanning up: ties keep the lowest e and
+    // NaN ranks above everything (as in torch.topk), so the K ids are always distinct
+    for (int j = 0; j < a.K; ++j) {
       int best = -1;
       for (int e = 0; e < a.E; ++e) {
         bool taken = false;
         for (int i = 0; i < j; ++i) taken |= ids[i] == e;
-        if (!taken && (best < 0 || lg[e] > lg[best])) best = e;
+        if (!taken && (best < 0 || ranks_above(lg[e], lg[best]))) best = e;
       }
       ids[j] = best;
       kept[j] = lg[best];

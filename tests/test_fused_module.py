@@ -110,3 +110,24 @@ def test_eager_bodies_and_registered_ops_agree(backend, monkeypatch):
     assert autograd.op_set(backend) is autograd.KERNELS[backend]
     registered = run()
     assert all(torch.equal(a, b) for a, b in zip(eager, registered))
+
+
+@pytest.mark.usefixtures("poison")
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_non_finite_rows_stay_in_their_rows(top_k, backend):
+    """A token whose input holds NaN or inf gets a NaN output; every other token's output,
+    and the routing of the finite tokens, are exactly what the finite input alone gives (the
+    router must not hand the permutation an inconsistent routing for the bad rows)."""
+    cfg = small_config(top_k=top_k)
+    _, fused = pair(cfg, torch.float32, backend)
+    x = torch.randn(70, cfg.d_in, device=DEVICE)
+    with torch.no_grad():
+        clean = fused(x)
+        x[[3, 40], 5] = float("nan")
+        x[41, 0] = float("inf")
+        y = fused(x)
+    bad = torch.zeros(70, dtype=torch.bool, device=DEVICE)
+    bad[[3, 40, 41]] = True
+    assert torch.isnan(y[bad]).all()
+    assert torch.equal(y[~bad], clean[~bad])
+    assert fused.routing_stats().tokens_per_expert.sum() == 70 * top_k

@@ -89,14 +89,27 @@ def test_route_ties_go_to_the_lowest_index(kn):
     assert not ((ids == 4).any(1) & ~(ids == 1).any(1)).any()  # 4 never chosen without 1
 
 
-def test_route_empty_and_nan_rows_stay_in_range(kn):
+def test_route_empty_and_non_finite_rows_get_distinct_experts(kn):
+    """NaN logits rank above every other (as in torch.topk): a row of NaN logits, or of some
+    NaN logits, still names k distinct in-range experts, and the block counts agree with the
+    ids (the permutation relies on it); only that row's gates are NaN."""
     logits, ids, weights, counts = kn.route(randn(0, 16), randn(16, 8), 2)
     assert ids.shape == (0, 2) and counts.shape == (0, 8)
-    u = randn(5, 16)
-    u[2] = float("nan")
-    _, ids, weights, _ = kn.route(u, randn(16, 8), 2)
-    assert ids.min() >= 0 and ids.max() < 8
-    assert torch.isnan(weights[2]).all() and torch.isfinite(weights[[0, 1, 3, 4]]).all()
+    u, w = randn(37, 16), randn(16, 8)
+    u[2] = float("nan")                      # every logit NaN
+    w[:, 6] = 0.0
+    w[4, 6] = float("inf")                   # column 6: +-inf logits, NaN where u[:, 4] is 0
+    u[[9, 30], 4] = 0.0
+    for k in (1, 3, 8):
+        logits, ids, weights, counts = kn.route(u, w, k)
+        assert ids.min() >= 0 and ids.max() < 8
+        assert all(len(set(row)) == k for row in ids.tolist())
+        assert torch.equal(counts.sum(0), torch.bincount(ids.flatten().long(), minlength=8).int())
+        assert torch.isnan(weights[2]).all()
+        nan_rows = logits.isnan().any(1)
+        assert nan_rows.nonzero().flatten().tolist() == [2, 9, 30]
+        assert torch.isfinite(weights[logits.isfinite().all(1)]).all()
+        assert (ids[nan_rows, 0] == torch.where(logits[nan_rows].isnan(), 0, 1).argmin(1)).all()
 
 
 def permute_case(ids: torch.Tensor, E: int, kn):

@@ -35,28 +35,27 @@ def _router_kernel(U, Wg, Logits, Ids, Weights, BlockCounts, T, D,
     tl.store(Logits + rows64[:, None] * E + ecols[None, :], acc,
              mask=row_ok[:, None] & e_ok[None, :])
 
-    # top-k by repeated argmax; ties go to the lowest expert index
-    remaining = tl.where(e_ok[None, :], acc, float("-inf"))
+    # top-k by repeated argmax over the experts not taken yet; ties go to the lowest index and
+    # NaN ranks above everything (as in torch.topk), so every row gets K distinct experts
+    score = tl.where(acc != acc, float("inf"), acc)
+    free = tl.broadcast_to(e_ok[None, :], (BLOCK_T, BLOCK_E))
     slots = tl.arange(0, BLOCK_K)
     kept = tl.full([BLOCK_T, BLOCK_K], float("-inf"), tl.float32)
     ids = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
-    selected = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int32)
     for j in tl.static_range(K):
-        best = tl.max(remaining, 1)
-        idx = tl.min(tl.where(remaining == best[:, None], ecols[None, :], BLOCK_E), 1)
-        idx = tl.minimum(idx, E - 1)  # NaN rows: stay in range (their output is NaN anyway)
-        kept = tl.where(slots[None, :] == j, best[:, None], kept)
-        ids = tl.where(slots[None, :] == j, idx[:, None], ids)
+        best = tl.max(tl.where(free, score, float("-inf")), 1)
+        idx = tl.min(tl.where(free & (score == best[:, None]), ecols[None, :], BLOCK_E), 1)
         hit = ecols[None, :] == idx[:, None]
-        selected = tl.where(hit, 1, selected)
-        remaining = tl.where(hit, float("-inf"), remaining)
+        kept = tl.where(slots[None, :] == j, tl.sum(tl.where(hit, acc, 0.0), 1)[:, None], kept)
+        ids = tl.where(slots[None, :] == j, idx[:, None], ids)
+        free = free & ~hit
     z = tl.exp(kept - tl.max(kept, 1)[:, None])
     z = tl.where(slots[None, :] < K, z, 0.0)
     gates = z / tl.sum(z, 1)[:, None]
     out_mask = row_ok[:, None] & (slots[None, :] < K)
     tl.store(Ids + rows64[:, None] * K + slots[None, :], ids, mask=out_mask)
     tl.store(Weights + rows64[:, None] * K + slots[None, :], gates, mask=out_mask)
-    counts = tl.sum(tl.where(row_ok[:, None], selected, 0), 0)
+    counts = tl.sum((row_ok[:, None] & ~free & e_ok[None, :]).to(tl.int32), 0)
     tl.store(BlockCounts + pid * E + ecols, counts, mask=e_ok)
 
 
