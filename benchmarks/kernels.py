@@ -29,8 +29,8 @@ def steps(model: MoEAdapter, x: torch.Tensor):
     P = T * k
     w_in, b_in = p["norm_in.weight"], p.get("norm_in.bias")
     u = ops.norm(x, w_in, b_in, cfg.norm, cfg.norm_eps)[0]
-    logits, ids, gates, counts = ops.route(u, p["w_gate"], k)
-    sp, _, off = ops.permute(ids, counts, E)
+    logits, ids, gates, counts, gate_sums = ops.route(u, p["w_gate"], k)
+    sp, _, off, _ = ops.permute(ids, counts, gate_sums, E)
     h, pre = ops.expert_up(u, p["w1"], sp, off, k, cfg.expert_activation, True)
     yp = ops.expert_down(h, p["w2"], sp, off, gates)
     hs, pre_s = ops.linear(u, p["shared_w1"], "silu", True)
@@ -40,7 +40,7 @@ def steps(model: MoEAdapter, x: torch.Tensor):
         ("norm_in", lambda: ops.norm(x, w_in, b_in, cfg.norm, cfg.norm_eps), 0, 2 * T * d * b),
         ("route", lambda: ops.route(u, p["w_gate"], k), 2 * T * d * E,
          T * d * b + T * E * 4 + P * 8),
-        ("permute", lambda: ops.permute(ids, counts, E), 0, P * 4 * 3),
+        ("permute", lambda: ops.permute(ids, counts, gate_sums, E), 0, P * 4 * 3),
         ("expert_up", lambda: ops.expert_up(u, p["w1"], sp, off, k, cfg.expert_activation),
          2 * P * d * Fu, T * d * b + E * d * Fu * b + P * F * b),
         ("expert_down", lambda: ops.expert_down(h, p["w2"], sp, off, gates), 2 * P * F * D,

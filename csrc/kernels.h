@@ -22,7 +22,8 @@ enum Act : int { kIdentity = 0, kSilu = 1, kSwiglu = 2, kGelu = 3 };
 constexpr int kRouterTokens = 32;
 
 // logits = u @ wg (fp32), top-k (ties to the lowest index), softmax over the kept k,
-// block_counts[b][e] = pairs of block b routed to e.
+// block_counts[b][e] = pairs of block b routed to e, block_gates[b][e] = the sum of their
+// top-k weights.
 struct RouteArgs {
   const void* u;
   const void* wg;
@@ -30,21 +31,29 @@ struct RouteArgs {
   int* ids;
   float* weights;
   int* block_counts;
+  float* block_gates;
   int64_t T, D, stride_u, stride_w;
   int E, K;
   DType dtype;
 };
 cudaError_t route(const RouteArgs& a, cudaStream_t stream);
 
-// Stable counting sort of the T*K pairs by expert: block_base[b][e] is the first sorted
-// position of block b's pairs for expert e.
+// Stable counting sort of the T*K pairs by expert. A one-block scan of the router's
+// block_counts writes block_base[b][e] (the first sorted position of block b's pairs for
+// expert e), offsets [E+1] and aux = aux_scale * sum_e (gates of e) * (pairs of e); then
+// one block per router block scatters its pairs.
 struct PermuteArgs {
   const int* ids;
-  const int* block_base;
+  const int* block_counts;
+  const float* block_gates;
+  int* block_base;
+  int* offsets;
+  float* aux;
   int* sorted_pair;
   int* pair_pos;
   int64_t T;
   int E, K;
+  float aux_scale;
 };
 cudaError_t permute(const PermuteArgs& a, cudaStream_t stream);
 

@@ -24,6 +24,7 @@ using OptTensor = std::optional<Tensor>;
 using Tensors2 = std::tuple<Tensor, Tensor>;
 using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
 using Tensors4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using Tensors5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 #ifdef MOE_EMULATE
 constexpr auto kDevice = at::kCPU;
@@ -135,7 +136,7 @@ void check_launch(cudaError_t err, const char* op) {
 #define DEVICE_GUARD(t) const c10::cuda::OptionalCUDAGuard guard_(t.device())
 #endif
 
-Tensors4 route(const Tensor& u, const Tensor& w_gate, int64_t top_k) {
+Tensors5 route(const Tensor& u, const Tensor& w_gate, int64_t top_k) {
   const char* op = "route";
   check(u, op, "u", 2);
   check(w_gate, op, "w_gate", 2);
@@ -154,42 +155,53 @@ Tensors4 route(const Tensor& u, const Tensor& w_gate, int64_t top_k) {
   Tensor ids = alloc({T, top_k}, opt.dtype(at::kInt));
   Tensor weights = alloc({T, top_k}, opt.dtype(at::kFloat));
   Tensor block_counts = alloc({nb, E}, opt.dtype(at::kInt));
+  Tensor block_gates = alloc({nb, E}, opt.dtype(at::kFloat));
   if (T) {
     moe::RouteArgs a{u.data_ptr(), w_gate.data_ptr(), logits.data_ptr<float>(),
                      ids.data_ptr<int>(), weights.data_ptr<float>(), block_counts.data_ptr<int>(),
-                     T, d, u.stride(0), w_gate.stride(0), static_cast<int>(E),
-                     static_cast<int>(top_k), dtype_of(u, op, "u")};
+                     block_gates.data_ptr<float>(), T, d, u.stride(0), w_gate.stride(0),
+                     static_cast<int>(E), static_cast<int>(top_k), dtype_of(u, op, "u")};
     check_launch(moe::route(a, stream_for(u)), op);
   }
-  return {logits, ids, weights, block_counts};
+  return {logits, ids, weights, block_counts, block_gates};
 }
 
-Tensors3 permute(const Tensor& topk_ids, const Tensor& block_counts, int64_t num_experts) {
+Tensors4 permute(const Tensor& topk_ids, const Tensor& block_counts, const Tensor& block_gates,
+                 int64_t num_experts) {
   const char* op = "permute";
   check(topk_ids, op, "topk_ids", 2);
   check(block_counts, op, "block_counts", 2);
+  check(block_gates, op, "block_gates", 2);
   TORCH_CHECK_TYPE(topk_ids.scalar_type() == at::kInt && block_counts.scalar_type() == at::kInt,
                    "moe_adapter_cuda.permute: topk_ids and block_counts must be int32");
+  TORCH_CHECK_TYPE(block_gates.scalar_type() == at::kFloat,
+                   "moe_adapter_cuda.permute: block_gates must be float32, got ",
+                   block_gates.scalar_type());
+  check_device(block_counts, topk_ids, op, "block_counts");
+  check_device(block_gates, topk_ids, op, "block_gates");
   const int64_t T = topk_ids.size(0), k = topk_ids.size(1), E = num_experts;
+  TORCH_CHECK_VALUE(1 <= E && E <= 256, "moe_adapter_cuda.permute: supports 1 to 256 experts, got ",
+                    E);
   const int64_t nb = (T + moe::kRouterTokens - 1) / moe::kRouterTokens;
-  TORCH_CHECK_VALUE(block_counts.size(0) == nb && block_counts.size(1) == E,
-              "moe_adapter_cuda.permute: block_counts must be [", nb, ", ", E, "], got ",
-              block_counts.sizes());
+  for (const Tensor* t : {&block_counts, &block_gates})
+    TORCH_CHECK_VALUE(t->size(0) == nb && t->size(1) == E, "moe_adapter_cuda.permute: ",
+                      t == &block_counts ? "block_counts" : "block_gates", " must be [", nb, ", ",
+                      E, "], got ", t->sizes());
   DEVICE_GUARD(topk_ids);
   const auto opt = topk_ids.options();
-  Tensor offsets = at::zeros({E + 1}, opt);
-  offsets.slice(0, 1).copy_(block_counts.sum(0).cumsum(0));
-  Tensor block_base = (block_counts.cumsum(0) - block_counts + offsets.slice(0, 0, E))
-                          .to(at::kInt).contiguous();
+  Tensor block_base = alloc({nb, E}, opt);
+  Tensor offsets = alloc({E + 1}, opt);
+  Tensor aux = alloc({}, opt.dtype(at::kFloat));
   Tensor sorted_pair = alloc({T * k}, opt);
   Tensor pair_pos = alloc({T * k}, opt);
-  if (T) {
-    moe::PermuteArgs a{topk_ids.data_ptr<int>(), block_base.data_ptr<int>(),
-                       sorted_pair.data_ptr<int>(), pair_pos.data_ptr<int>(), T,
-                       static_cast<int>(E), static_cast<int>(k)};
-    check_launch(moe::permute(a, stream_for(topk_ids)), op);
-  }
-  return {sorted_pair, pair_pos, offsets};
+  moe::PermuteArgs a{topk_ids.data_ptr<int>(), block_counts.data_ptr<int>(),
+                     block_gates.data_ptr<float>(), block_base.data_ptr<int>(),
+                     offsets.data_ptr<int>(), aux.data_ptr<float>(), sorted_pair.data_ptr<int>(),
+                     pair_pos.data_ptr<int>(), T, static_cast<int>(E), static_cast<int>(k),
+                     T ? static_cast<float>(static_cast<double>(E) / (double(T) * double(T)))
+                       : 0.0f};
+  check_launch(moe::permute(a, stream_for(topk_ids)), op);
+  return {sorted_pair, pair_pos, offsets, aux};
 }
 
 // Shared checks of the grouped GEMMs: b is [G, K, N] with offsets [G+1] (grouped) or [K, N].
@@ -430,8 +442,9 @@ Tensors3 norm_backward(const Tensor& dy, const Tensor& x, const OptTensor& weigh
 }  // namespace
 
 TORCH_LIBRARY(moe_adapter_cuda, m) {
-  m.def("route(Tensor u, Tensor w_gate, int top_k) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("permute(Tensor topk_ids, Tensor block_counts, int num_experts) -> (Tensor, Tensor, Tensor)");
+  m.def("route(Tensor u, Tensor w_gate, int top_k) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("permute(Tensor topk_ids, Tensor block_counts, Tensor block_gates, int num_experts) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
   m.def("grouped_gemm(Tensor a, Tensor b, Tensor? offsets, Tensor? pair_ids, int gather_div, "
         "bool scatter, Tensor? scale, str activation, bool save_preact, Tensor? bias) -> "
         "(Tensor, Tensor)");

@@ -1,5 +1,6 @@
 // Router: logits = u @ W_g with fp32 accumulation, top-k (ties to the lowest expert index),
-// softmax over the k kept logits, and per-block expert counts for the permutation.
+// softmax over the k kept logits, and per-block expert counts and gate sums (for the
+// permutation and the aux loss).
 // One 256-thread block per kRouterTokens (32) tokens: 8 threads per token split the d_in
 // reduction, then sum their partials in a fixed order (deterministic).
 #include "common.cuh"
@@ -18,7 +19,8 @@ __global__ void __launch_bounds__(kThreads) route_kernel(RouteArgs a) {
   float* s_part = reinterpret_cast<float*>(raw);       // [kThreads]
   float* s_logit = s_part + kThreads;                  // [kRouterTokens][E]
   float* s_kept = s_logit + kRouterTokens * a.E;       // [kRouterTokens][K]
-  int* s_ids = reinterpret_cast<int*>(s_kept + kRouterTokens * a.K);  // [kRouterTokens][K]
+  float* s_gate = s_kept + kRouterTokens * a.K;        // [kRouterTokens][K]
+  int* s_ids = reinterpret_cast<int*>(s_gate + kRouterTokens * a.K);  // [kRouterTokens][K]
   const int tid = threadIdx.x, local = tid / kSplit, sub = tid % kSplit;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouterTokens + local;
   const bool valid = t < a.T;
@@ -59,24 +61,32 @@ __global__ void __launch_bounds__(kThreads) route_kernel(RouteArgs a) {
     float z = 0.0f;
     for (int j = 0; j < a.K; ++j) z += expf(kept[j] - kept[0]);
     for (int j = 0; j < a.K; ++j) {
+      const float gate = expf(kept[j] - kept[0]) / z;
       a.ids[t * a.K + j] = ids[j];
-      a.weights[t * a.K + j] = expf(kept[j] - kept[0]) / z;
+      a.weights[t * a.K + j] = gate;
+      s_gate[local * a.K + j] = gate;
     }
   }
   __syncthreads();
-  if (tid < a.E) {  // pairs of this block per expert, in token order
+  if (tid < a.E) {  // pairs of this block per expert and their gate sum, in token order
     int count = 0;
+    float gates = 0.0f;
     for (int l = 0; l < kRouterTokens; ++l) {
       if (static_cast<int64_t>(blockIdx.x) * kRouterTokens + l >= a.T) break;
-      for (int j = 0; j < a.K; ++j) count += s_ids[l * a.K + j] == tid;
+      for (int j = 0; j < a.K; ++j) {
+        if (s_ids[l * a.K + j] != tid) continue;
+        ++count;
+        gates += s_gate[l * a.K + j];
+      }
     }
     a.block_counts[static_cast<int64_t>(blockIdx.x) * a.E + tid] = count;
+    a.block_gates[static_cast<int64_t>(blockIdx.x) * a.E + tid] = gates;
   }
 }
 
 cudaError_t route(const RouteArgs& a, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>((a.T + kRouterTokens - 1) / kRouterTokens);
-  const size_t smem = sizeof(float) * (kThreads + kRouterTokens * (a.E + a.K)) +
+  const size_t smem = sizeof(float) * (kThreads + kRouterTokens * (a.E + 2 * a.K)) +
                       sizeof(int) * kRouterTokens * a.K;
   MOE_DISPATCH(a.dtype, T, {
     auto kfn = route_kernel<T>;

@@ -10,8 +10,10 @@ Saved for backward (the fewest tensors that avoid a second forward through the G
 - shared topology: the shared MLP's pre-activation [T, S] and the final norm's input z [T, D];
 - post topology: the middle norm's input [T, d_in], the aggregation MLP's pre-activation [T, S]
   and the final norm's input [T, D].
-The aux loss is computed outside, in PyTorch, from the returned logits and gate weights; its
-gradient flows back into this Function through them.
+The aux loss L_aux (top-k variant) comes out of the permutation's scan and is an output of
+this Function: its gradient, E * f_e / T for each gate routed to expert e, is added in the
+backward from the saved expert offsets. (The ``softmax`` variant is computed outside, in
+PyTorch, from the returned logits; its gradient flows back through them.)
 
 The same wiring runs the Triton ops (``KERNELS["triton"]``) or the CUDA C++ extension's ops
 (``KERNELS["cuda"]``, added by ``moe_adapter_kernels.cuda.ops`` when it loads): both sets have
@@ -72,13 +74,13 @@ def _shared_mlp(kn, a, prm, cfg, save):
 
 def fused_forward(cfg: MoEAdapterConfig, x, prm: dict, save: bool, kernels: str):
     """The forward pipeline on x [T, d_in] with the ``kernels`` op set. Returns (y, logits,
-    topk_weights, topk_ids, saved) where saved holds what the backward needs (empty when
-    ``save`` is False)."""
+    topk_weights, topk_ids, L_aux, saved) where saved holds what the backward needs (empty
+    when ``save`` is False)."""
     kn = op_set(kernels)
     k = cfg.top_k
     u, mean_in, rstd_in = _norm(kn, x, prm, "in", cfg)
-    logits, ids, gates, block_counts = kn.route(u, prm["w_gate"], k)
-    sorted_pair, _, offsets = kn.permute(ids, block_counts, cfg.num_experts)
+    logits, ids, gates, block_counts, block_gates = kn.route(u, prm["w_gate"], k)
+    sorted_pair, _, offsets, aux = kn.permute(ids, block_counts, block_gates, cfg.num_experts)
     h, pre1 = kn.expert_up(u, prm["w1"], sorted_pair, offsets, k, cfg.expert_activation, save,
                         prm["b1"])
     y_pairs = kn.expert_down(h, prm["w2"], sorted_pair, offsets, gates, prm["b2"])
@@ -100,7 +102,7 @@ def fused_forward(cfg: MoEAdapterConfig, x, prm: dict, save: bool, kernels: str)
         y, mean_out, rstd_out = _norm(kn, z, prm, "out", cfg)
         saved.update(zm=zm, mean_mid=mean_mid, rstd_mid=rstd_mid)
     saved.update(pre_s=pre_s, z=z, mean_out=mean_out, rstd_out=rstd_out)
-    return y, logits, gates, ids, (saved if save else {})
+    return y, logits, gates, ids, aux, (saved if save else {})
 
 
 def _routed_backward(kn, cfg, dz, u, prm, s, needs, grads, need_u):
@@ -138,22 +140,23 @@ def _mlp_backward(kn, dc, a, pre, prm, cfg, needs, grads, need_a):
 
 
 class MoEAdapterFunction(torch.autograd.Function):
-    """y, logits, topk_weights, topk_ids = MoEAdapterFunction.apply(cfg, kernels, x, *params)
+    """y, logits, topk_weights, topk_ids, L_aux = MoEAdapterFunction.apply(cfg, kernels, x,
+    *params)
     with ``kernels`` a key of :data:`KERNELS` and params in the order of :data:`PARAMS` (None
     where the config has none)."""
 
     @staticmethod
     def forward(ctx, cfg, kernels, x, *params):
         prm = dict(zip(PARAMS, params))
-        y, logits, gates, ids, saved = fused_forward(cfg, x, prm, True, kernels)
+        y, logits, gates, ids, aux, saved = fused_forward(cfg, x, prm, True, kernels)
         ctx.cfg, ctx.kernels = cfg, kernels
         ctx.names = list(saved)
         ctx.save_for_backward(x, *params, *saved.values())
         ctx.mark_non_differentiable(ids)
-        return y, logits, gates, ids
+        return y, logits, gates, ids, aux
 
     @staticmethod
-    def backward(ctx, dy, dlogits, dgates_aux, _):
+    def backward(ctx, dy, dlogits, dgates_out, _, daux):
         cfg, kn = ctx.cfg, op_set(ctx.kernels)
         tensors = ctx.saved_tensors
         x = tensors[0]
@@ -178,7 +181,12 @@ class MoEAdapterFunction(torch.autograd.Function):
                                    grads)
         du, dgates = _routed_backward(kn, cfg, dz_routed.contiguous(), u, prm, s, needs, grads,
                                       need_u)
-        dgates = dgates + dgates_aux.float()
+        dgates = dgates + dgates_out.float()
+        T = x.shape[0]
+        if T and cfg.aux_loss_variant == "topk":
+            # L_aux = E / T^2 * sum_e (sum of e's gates) * (pairs routed to e)
+            routed = (s["offsets"][1:] - s["offsets"][:-1]).float()
+            dgates = dgates + (daux * (cfg.num_experts / (T * T))) * routed[s["ids"].long()]
 
         # softmax over the k kept logits, then scatter into the E logits (distinct per token)
         gates = s["gates"]
@@ -213,9 +221,11 @@ def moe_adapter_forward(x: torch.Tensor, p: dict, cfg: MoEAdapterConfig, kernels
     params = [None if p.get(n) is None else p[n].to(x.dtype) for n in PARAMS]
     if torch.is_grad_enabled() and (x.requires_grad or any(
             t is not None and t.requires_grad for t in params)):
-        y, logits, gates, ids = MoEAdapterFunction.apply(cfg, kernels, x, *params)
+        y, logits, gates, ids, aux = MoEAdapterFunction.apply(cfg, kernels, x, *params)
     else:
-        y, logits, gates, ids, _ = fused_forward(cfg, x, dict(zip(PARAMS, params)), False,
-                                                 kernels)
+        y, logits, gates, ids, aux, _ = fused_forward(cfg, x, dict(zip(PARAMS, params)), False,
+                                                      kernels)
     routing = reference.Routing(logits, ids, gates)
-    return y, routing, reference.aux_loss(routing, cfg.num_experts, cfg.aux_loss_variant)
+    if cfg.aux_loss_variant != "topk":
+        aux = reference.aux_loss(routing, cfg.num_experts, cfg.aux_loss_variant)
+    return y, routing, aux

@@ -57,7 +57,7 @@ def exercise(dtype):
     router.route_forward(x, torch.randn(d, E).to(dtype), k)
     ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)]).int()
     counts = torch.zeros(triton.cdiv(T, router.BLOCK_T), E, dtype=torch.int32)
-    permute.permute_forward(ids, counts, E)
+    permute.permute_forward(ids, counts, counts.float(), E)
     sp = torch.argsort(ids.flatten(), stable=True).int()
     off = torch.zeros(E + 1, dtype=torch.int32)
     gates = torch.rand(T * k)

@@ -54,7 +54,7 @@ def test_norm(dtype, kind, T, N, kn):
 
 
 def check_routing(u, w_gate, k, kn):
-    logits, ids, weights, block_counts = kn.route(u, w_gate, k)
+    logits, ids, weights, block_counts, block_gates = kn.route(u, w_gate, k)
     ref = reference.route(u, w_gate, k)
     T, E = logits.shape
     assert ids.dtype == torch.int32 and weights.dtype == torch.float32
@@ -62,10 +62,15 @@ def check_routing(u, w_gate, k, kn):
     assert rel_err(weights, ref.topk_weights) < 1e-5
     assert rel_err(logits, ref.logits) < 1e-5
     expected = torch.zeros_like(block_counts)
+    expected_gates = torch.zeros_like(block_gates, dtype=torch.float64)
     for t in range(T):
-        for e in ids[t].tolist():
+        for e, g in zip(ids[t].tolist(), weights[t].tolist()):
             expected[t // BLOCK_T, e] += 1
+            expected_gates[t // BLOCK_T, e] += g
     assert torch.equal(block_counts, expected)
+    assert block_gates.dtype == torch.float32
+    if T:
+        assert rel_err(block_gates, expected_gates) < 1e-6
     return ids
 
 
@@ -93,15 +98,15 @@ def test_route_empty_and_non_finite_rows_get_distinct_experts(kn):
     """NaN logits rank above every other (as in torch.topk): a row of NaN logits, or of some
     NaN logits, still names k distinct in-range experts, and the block counts agree with the
     ids (the permutation relies on it); only that row's gates are NaN."""
-    logits, ids, weights, counts = kn.route(randn(0, 16), randn(16, 8), 2)
-    assert ids.shape == (0, 2) and counts.shape == (0, 8)
+    logits, ids, weights, counts, gate_sums = kn.route(randn(0, 16), randn(16, 8), 2)
+    assert ids.shape == (0, 2) and counts.shape == gate_sums.shape == (0, 8)
     u, w = randn(37, 16), randn(16, 8)
     u[2] = float("nan")                      # every logit NaN
     w[:, 6] = 0.0
     w[4, 6] = float("inf")                   # column 6: +-inf logits, NaN where u[:, 4] is 0
     u[[9, 30], 4] = 0.0
     for k in (1, 3, 8):
-        logits, ids, weights, counts = kn.route(u, w, k)
+        logits, ids, weights, counts, _ = kn.route(u, w, k)
         assert ids.min() >= 0 and ids.max() < 8
         assert all(len(set(row)) == k for row in ids.tolist())
         assert torch.equal(counts.sum(0), torch.bincount(ids.flatten().long(), minlength=8).int())
@@ -113,18 +118,26 @@ def test_route_empty_and_non_finite_rows_get_distinct_experts(kn):
 
 
 def permute_case(ids: torch.Tensor, E: int, kn):
+    """Permute random routing ``ids`` with random gates; check the sort, the inverse map, the
+    offsets and L_aux against PyTorch."""
     T, k = ids.shape
-    block_counts = torch.zeros(-(-T // BLOCK_T), E, dtype=torch.int32, device=ids.device)
-    for t in range(T):
-        for e in ids[t].tolist():
-            block_counts[t // BLOCK_T, e] += 1
-    sorted_pair, pair_pos, offsets = kn.permute(ids, block_counts, E)
+    gates = torch.softmax(torch.randn(T, k, device=ids.device), -1)
+    nb = -(-T // BLOCK_T)
+    cell = (torch.arange(T, device=ids.device)[:, None] // BLOCK_T * E + ids).flatten()
+    block_counts = torch.bincount(cell, minlength=nb * E).view(nb, E).int()
+    block_gates = torch.zeros(nb * E, dtype=torch.float64, device=ids.device).index_add_(
+        0, cell, gates.flatten().double()).view(nb, E).float()
+    sorted_pair, pair_pos, offsets, aux = kn.permute(ids, block_counts, block_gates, E)
     flat = ids.reshape(-1).long()
     assert torch.equal(sorted_pair.long(), torch.argsort(flat, stable=True))
     assert torch.equal(pair_pos.long()[sorted_pair.long()],
                        torch.arange(T * k, device=ids.device))
     counts = torch.bincount(flat, minlength=E)
     assert offsets.tolist() == [0] + torch.cumsum(counts, 0).tolist()
+    assert aux.shape == () and aux.dtype == torch.float32
+    ref_aux = reference.aux_loss(reference.Routing(torch.zeros(T, E, device=ids.device),
+                                                   ids.long(), gates), E)
+    assert abs(aux.item() - ref_aux.item()) <= 1e-5 * max(ref_aux.item(), 1e-30)
 
 
 def distinct_ids(T, E, k, experts=None):
@@ -144,6 +157,11 @@ def test_permute(T, E, k, kn):
 def test_permute_all_tokens_to_one_expert_and_empty_experts(kn):
     permute_case(distinct_ids(90, 8, 1, experts=[6]), 8, kn)
     permute_case(distinct_ids(90, 8, 2, experts=[1, 6]), 8, kn)
+
+
+def test_permute_scan_over_many_blocks(kn):
+    """More router blocks than one step of the Triton scan (256) holds: the prefix carries."""
+    permute_case(distinct_ids(300 * BLOCK_T + 5, 8, 2), 8, kn)
 
 
 def grouped_reference(a, b, ids, activation, weights=None):
@@ -241,7 +259,7 @@ def test_fake_implementations_match_real_shapes(kn):
     u, wg = randn(37, 16), randn(16, 8)
     real = kn.route(u, wg, 3)
     ids_real = real[1]
-    perm_real = kn.permute(ids_real, real[3], 8)
+    perm_real = kn.permute(ids_real, real[3], real[4], 8)
     w1, w2 = randn(8, 16, 24), randn(8, 12, 10)
     up_real = kn.expert_up(u, w1, perm_real[0], perm_real[2], 3, "swiglu")[0]
     down_real = kn.expert_down(up_real, w2, perm_real[0], perm_real[2], real[2])
@@ -249,7 +267,7 @@ def test_fake_implementations_match_real_shapes(kn):
     with FakeTensorMode() as mode:
         fu, fwg = mode.from_tensor(u), mode.from_tensor(wg)
         fake = kn.route(fu, fwg, 3)
-        perm = kn.permute(fake[1], fake[3], 8)
+        perm = kn.permute(fake[1], fake[3], fake[4], 8)
         up = kn.expert_up(fu, mode.from_tensor(w1), perm[0], perm[2], 3, "swiglu")[0]
         down = kn.expert_down(up, mode.from_tensor(w2), perm[0], perm[2], fake[2])
         comb = kn.combine(down, None, 3, "rmsnorm", None, None, 1e-6)

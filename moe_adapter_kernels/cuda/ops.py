@@ -20,8 +20,8 @@ def route(u, w_gate, top_k: int):
     return _C.route(u, w_gate, top_k)
 
 
-def permute(topk_ids, block_counts, num_experts: int):
-    return _C.permute(topk_ids, block_counts, num_experts)
+def permute(topk_ids, block_counts, block_gates, num_experts: int):
+    return _C.permute(topk_ids, block_counts, block_gates, num_experts)
 
 
 def norm(x, weight, bias, kind: str, eps: float):
@@ -83,13 +83,15 @@ def _(u, w_gate, top_k):
     T, E = u.shape[0], w_gate.shape[1]
     nb = (T + ROUTER_TOKENS - 1) // ROUTER_TOKENS
     return (u.new_empty(T, E, dtype=torch.float32), u.new_empty(T, top_k, dtype=torch.int32),
-            u.new_empty(T, top_k, dtype=torch.float32), u.new_empty(nb, E, dtype=torch.int32))
+            u.new_empty(T, top_k, dtype=torch.float32), u.new_empty(nb, E, dtype=torch.int32),
+            u.new_empty(nb, E, dtype=torch.float32))
 
 
 @_fake("permute")
-def _(topk_ids, block_counts, num_experts):
+def _(topk_ids, block_counts, block_gates, num_experts):
     P = topk_ids.numel()
-    return topk_ids.new_empty(P), topk_ids.new_empty(P), topk_ids.new_empty(num_experts + 1)
+    return (topk_ids.new_empty(P), topk_ids.new_empty(P), topk_ids.new_empty(num_experts + 1),
+            block_gates.new_empty(()))
 
 
 @_fake("grouped_gemm")

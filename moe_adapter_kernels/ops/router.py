@@ -1,5 +1,6 @@
 """Router: logits = u @ W_g in fp32, top-k (ties to the lowest index), softmax over the k
-kept logits, and per-block expert counts for the permutation. One launch."""
+kept logits, and per-block expert counts and gate sums (for the permutation and the aux
+loss). One launch."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ BLOCK_T = 32  # tokens per router program; the permutation works on the same blo
 
 
 @triton.jit
-def _router_kernel(U, Wg, Logits, Ids, Weights, BlockCounts, T, D,
+def _router_kernel(U, Wg, Logits, Ids, Weights, BlockCounts, BlockGates, T, D,
                    stride_u, stride_w, E: tl.constexpr, K: tl.constexpr,
                    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_K: tl.constexpr):
@@ -49,22 +50,27 @@ def _router_kernel(U, Wg, Logits, Ids, Weights, BlockCounts, T, D,
         kept = tl.where(slots[None, :] == j, tl.sum(tl.where(hit, acc, 0.0), 1)[:, None], kept)
         ids = tl.where(slots[None, :] == j, idx[:, None], ids)
         free = free & ~hit
-    z = tl.exp(kept - tl.max(kept, 1)[:, None])
-    z = tl.where(slots[None, :] < K, z, 0.0)
-    gates = z / tl.sum(z, 1)[:, None]
+    top = tl.max(kept, 1)[:, None]
+    z = tl.where(slots[None, :] < K, tl.exp(kept - top), 0.0)
+    total = tl.sum(z, 1)[:, None]
+    gates = z / total
     out_mask = row_ok[:, None] & (slots[None, :] < K)
     tl.store(Ids + rows64[:, None] * K + slots[None, :], ids, mask=out_mask)
     tl.store(Weights + rows64[:, None] * K + slots[None, :], gates, mask=out_mask)
-    counts = tl.sum((row_ok[:, None] & ~free & e_ok[None, :]).to(tl.int32), 0)
-    tl.store(BlockCounts + pid * E + ecols, counts, mask=e_ok)
+    # the same gates laid out by expert (the same arithmetic, so equal values), summed per block
+    routed = row_ok[:, None] & ~free & e_ok[None, :]
+    by_expert = tl.where(routed, tl.exp(acc - top) / total, 0.0)
+    tl.store(BlockCounts + pid * E + ecols, tl.sum(routed.to(tl.int32), 0), mask=e_ok)
+    tl.store(BlockGates + pid * E + ecols, tl.sum(by_expert, 0), mask=e_ok)
 
 
 def route_forward(u: torch.Tensor, w_gate: torch.Tensor, top_k: int):
     """Router on u [T, d] with w_gate [d, E].
 
     Returns logits [T, E] fp32, topk_ids [T, k] int32 (descending logit), topk_weights [T, k]
-    fp32 (softmax over the k kept logits) and block_counts [cdiv(T, BLOCK_T), E] int32 (pairs
-    per expert in each block of BLOCK_T tokens).
+    fp32 (softmax over the k kept logits), and per block of BLOCK_T tokens, block_counts
+    [cdiv(T, BLOCK_T), E] int32 (pairs routed to each expert) and block_gates [cdiv(T,
+    BLOCK_T), E] fp32 (the sum of their top-k weights).
     """
     check_tensor(u, "route", "u", 2)
     check_tensor(w_gate, "route", "w_gate", 2, device=u.device)
@@ -78,24 +84,27 @@ def route_forward(u: torch.Tensor, w_gate: torch.Tensor, top_k: int):
     ids = torch.empty(T, top_k, device=dev, dtype=torch.int32)
     weights = torch.empty(T, top_k, device=dev, dtype=torch.float32)
     block_counts = torch.empty(nb, E, device=dev, dtype=torch.int32)
+    block_gates = torch.empty(nb, E, device=dev, dtype=torch.float32)
     if T:
-        _router_kernel[(nb,)](u, w_gate, logits, ids, weights, block_counts, T, d,
+        _router_kernel[(nb,)](u, w_gate, logits, ids, weights, block_counts, block_gates, T, d,
                               u.stride(0), w_gate.stride(0), E=E, K=top_k, BLOCK_T=BLOCK_T,
                               BLOCK_E=pow2(E, 16), BLOCK_D=64, BLOCK_K=pow2(top_k, 2),
                               num_warps=4)
-    return logits, ids, weights, block_counts
+    return logits, ids, weights, block_counts, block_gates
 
 
 @custom_op("moe_adapter::route")
 def route(u: torch.Tensor, w_gate: torch.Tensor, top_k: int
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Torch op of :func:`route_forward`: (logits, topk_ids, topk_weights, block_counts)."""
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch op of :func:`route_forward`: (logits, topk_ids, topk_weights, block_counts,
+    block_gates)."""
     return route_forward(u, w_gate, top_k)
 
 
 @route.register_fake
 def _(u, w_gate, top_k):
     T, E = u.shape[0], w_gate.shape[1]
+    nb = triton.cdiv(T, BLOCK_T)
     return (u.new_empty(T, E, dtype=torch.float32), u.new_empty(T, top_k, dtype=torch.int32),
-            u.new_empty(T, top_k, dtype=torch.float32),
-            u.new_empty(triton.cdiv(T, BLOCK_T), E, dtype=torch.int32))
+            u.new_empty(T, top_k, dtype=torch.float32), u.new_empty(nb, E, dtype=torch.int32),
+            u.new_empty(nb, E, dtype=torch.float32))
