@@ -3,7 +3,7 @@
 #   build  the CUDA extension (pip install --no-build-isolation -e ., sm_90 unless
 #          TORCH_CUDA_ARCH_LIST says otherwise)
 #   tests  GPU tests and the self-check      tune   tile tuning (commit the JSON it writes)
-#   bench  per-kernel and adapter benchmarks
+#   bench  per-kernel and adapter benchmarks, and this host's cost per eager forward
 # Everything lands under $OUT: session.log, the tuned configs, kernels.json, bench.json/.md.
 # GPU_TESTS_K selects GPU tests (pytest -k), e.g. GPU_TESTS_K=triton, to split a long test
 # stage over two device calls.
@@ -27,7 +27,8 @@ for stage in $stages; do
            run python -m moe_adapter_kernels.cli check --dtype float32 float16 bfloat16 ;;
     tune)  run python -m benchmarks.tune
            cp moe_adapter_kernels/ops/tuned/*.json "$OUT/" 2>/dev/null ;;
-    bench) run python -m benchmarks.kernels --json "$OUT/kernels.json"
+    bench) run python -m benchmarks.host --tokens 512
+           run python -m benchmarks.kernels --json "$OUT/kernels.json"
            run python -m moe_adapter_kernels.cli bench --json "$OUT/bench.json" \
                --markdown "$OUT/bench.md" --plot "$OUT/bench.png"
            run python -m moe_adapter_kernels.cli bench --graphs --tokens 512 2048 8192 \

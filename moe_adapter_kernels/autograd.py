@@ -218,7 +218,8 @@ def moe_adapter_forward(x: torch.Tensor, p: dict, cfg: MoEAdapterConfig, kernels
         raise ValueError(f"router_dtype={cfg.router_dtype!r} is only supported by the torch "
                          "backend; the fused router computes in float32")
     x = x.contiguous()
-    params = [None if p.get(n) is None else p[n].to(x.dtype) for n in PARAMS]
+    params = [t if t is None or t.dtype == x.dtype else t.to(x.dtype)
+              for t in map(p.get, PARAMS)]
     if torch.is_grad_enabled() and (x.requires_grad or any(
             t is not None and t.requires_grad for t in params)):
         y, logits, gates, ids, aux = MoEAdapterFunction.apply(cfg, kernels, x, *params)

@@ -90,3 +90,22 @@ def test_bench_graphs_needs_a_gpu(capsys):
         pytest.skip("this machine has a GPU; tests/test_gpu.py runs --graphs")
     assert main(["--graphs", "--skip-check"]) == 2
     assert "--graphs needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_host_overhead_tool_counts_every_launch():
+    """benchmarks.host runs in its own process (it needs the compiled-path launchers, not the
+    interpreter's) and sees the 9 launches of one forward of the paper preset (shared MLP:
+    norm, route, scan, permute, up, down, shared up and down, combine)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    pytest.importorskip("triton")
+    root = Path(__file__).parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.host", "--tokens", "64", "--iters",
+                           "3"], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "9 Triton launches per forward" in proc.stdout
+    assert all(f"  {op} " in proc.stdout for op in ("route", "permute", "expert_up", "combine"))

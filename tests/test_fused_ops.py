@@ -327,7 +327,6 @@ def test_routed_backward_ops(dtype, activation, T, E, k, experts, kn):
     w2 = randn(E, F, N, dtype=dtype, scale=0.3)
     gates = torch.softmax(torch.randn(T, k, device=DEVICE), -1)
     dz = randn(T, N, dtype=dtype)
-    sp = sorted_pair.long()
     b1 = randn(E, w1.shape[-1], dtype=dtype, scale=0.3)
     b2 = randn(E, N, dtype=dtype, scale=0.3)
     h, pre = kn.expert_up(u, w1, sorted_pair, offsets, k, activation, True, b1)

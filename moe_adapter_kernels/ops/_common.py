@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -33,24 +32,33 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) in plain Python (``triton.cdiv`` is a constexpr function: ~3 us a call from
+    the host, on every launch)."""
+    return -(-a // b)
+
+
 def pow2(n: int, lo: int = 1) -> int:
-    return max(lo, triton.next_power_of_2(max(n, 1)))
+    """The smallest power of two >= max(n, lo)."""
+    return max(lo, 1 << (max(n, 1) - 1).bit_length())
 
 
-def check(cond: bool, op: str, msg: str, exc=ValueError) -> None:
+def check(cond: bool, op: str, msg: str, *args, exc=ValueError) -> None:
+    """Raise ``exc`` naming ``op`` unless ``cond``. ``msg`` is a ``str.format`` template
+    filled with ``args`` only on failure: the checks run on every launch, and formatting
+    shapes and dtypes costs microseconds of host time that small batches feel."""
     if not cond:
-        raise exc(f"moe_adapter_kernels.ops.{op}: {msg}")
+        raise exc(f"moe_adapter_kernels.ops.{op}: {msg.format(*args)}")
 
 
 def check_tensor(t: torch.Tensor, op: str, name: str, dim: int, dtypes=FLOAT_DTYPES,
                  device: torch.device | None = None) -> None:
     """Raise TypeError/ValueError unless t is a tensor of ``dim`` dims, an allowed dtype, on
     ``device``, with a unit stride in its last dim."""
-    check(isinstance(t, torch.Tensor), op, f"{name} must be a tensor", TypeError)
-    check(t.dim() == dim, op, f"{name} must have {dim} dims, got shape {tuple(t.shape)}")
-    if t.dtype not in dtypes:  # message built only on failure: this runs on every launch
-        check(False, op, f"{name} has dtype {t.dtype}; expected one of "
-              f"{', '.join(str(d) for d in dtypes)}", TypeError)
-    if device is not None:
-        check(t.device == device, op, f"{name} is on {t.device}, expected {device}")
-    check(t.numel() == 0 or t.stride(-1) == 1, op, f"{name} must be contiguous in its last dim")
+    check(isinstance(t, torch.Tensor), op, "{} must be a tensor", name, exc=TypeError)
+    check(t.dim() == dim, op, "{} must have {} dims, got shape {}", name, dim, tuple(t.shape))
+    check(t.dtype in dtypes, op, "{} has dtype {}; expected one of {}", name, t.dtype, dtypes,
+          exc=TypeError)
+    check(device is None or t.device == device, op, "{} is on {}, expected {}", name, t.device,
+          device)
+    check(t.numel() == 0 or t.stride(-1) == 1, op, "{} must be contiguous in its last dim", name)

@@ -43,12 +43,12 @@ def combine_forward(y_pairs: torch.Tensor, top_k: int, shared: torch.Tensor | No
     """
     check_tensor(y_pairs, "combine", "y_pairs", 2)
     P, N = y_pairs.shape
-    check(P % top_k == 0, "combine", f"y_pairs has {P} rows, not a multiple of k={top_k}")
+    check(P % top_k == 0, "combine", "y_pairs has {} rows, not a multiple of k={}", P, top_k)
     T = P // top_k
     if shared is not None:
         check_tensor(shared, "combine", "shared", 2, device=y_pairs.device)
-        check(tuple(shared.shape) == (T, N), "combine", f"shared must be [{T}, {N}]")
-    check(norm in NORM_CODES or norm == "none", "combine", f"unknown norm {norm!r}")
+        check(tuple(shared.shape) == (T, N), "combine", "shared must be [{}, {}]", T, N)
+    check(norm in NORM_CODES or norm == "none", "combine", "unknown norm {!r}", norm)
     dev = y_pairs.device
     y = torch.empty(T, N, device=dev, dtype=y_pairs.dtype)
     mean = torch.empty(T, device=dev, dtype=torch.float32)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from ._common import check, check_tensor, custom_op, dot_in_fp32, interpreting
+from ._common import cdiv, check, check_tensor, custom_op, dot_in_fp32, interpreting
 
 ACTIVATIONS = {"none": 0, "identity": 0, "silu": 1, "swiglu": 2, "gelu": 3}
 SQRT1_2 = tl.constexpr(0.7071067811865476)
@@ -269,13 +269,14 @@ def pick_config(key: str, a: torch.Tensor) -> dict:
 def _check_gemm(op, a, b, offsets, activation, pair_ids, needs_pairs):
     check_tensor(a, op, "a", 2)
     grouped = offsets is not None
-    check(isinstance(b, torch.Tensor) and b.dim() == (3 if grouped else 2), op,
-          f"b must be a {3 if grouped else 2}-dim tensor")
+    dims = 3 if grouped else 2
+    check(isinstance(b, torch.Tensor) and b.dim() == dims, op, "b must be a {}-dim tensor", dims)
     check(b.dtype == a.dtype and b.device == a.device, op,
-          f"b (dtype {b.dtype}, {b.device}) must match a (dtype {a.dtype}, {a.device})", TypeError)
-    check(activation in ACTIVATIONS, op, f"activation must be one of {list(ACTIVATIONS)}")
-    check(b.shape[-2] == a.shape[1], op, f"b's reduction dim is {b.shape[-2]}, a has "
-          f"K={a.shape[1]}")
+          "b (dtype {}, {}) must match a (dtype {}, {})", b.dtype, b.device, a.dtype, a.device,
+          exc=TypeError)
+    check(activation in ACTIVATIONS, op, "activation must be one of {}", list(ACTIVATIONS))
+    check(b.shape[-2] == a.shape[1], op, "b's reduction dim is {}, a has K={}", b.shape[-2],
+          a.shape[1])
     check(not needs_pairs or pair_ids is not None, op, "gather/scatter/scale need pair_ids")
     if grouped:
         check_tensor(offsets, op, "offsets", 1, dtypes=(torch.int32,), device=a.device)
@@ -309,12 +310,12 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, *, offsets: torch.Tensor | No
     preact = torch.empty(M, b.shape[-1], device=a.device, dtype=a.dtype) if save_preact else None
     if bias is not None:
         check(bias.shape[-1] == b.shape[-1] and bias.dim() == (2 if groups else 1) and
-              bias.stride(-1) == 1, op, f"bias must be [{'G, ' if groups else ''}"
-              f"{b.shape[-1]}] and contiguous, got {tuple(bias.shape)}")
+              bias.stride(-1) == 1, op, "bias must be [{}{}] and contiguous, got {}",
+              "G, " if groups else "", b.shape[-1], tuple(bias.shape))
     cfg = dict(config or pick_config(fwd_key(a, b, offsets=offsets, pair_ids=pair_ids,
                                              activation=activation), a))
     if M and n_out:
-        grid = ((triton.cdiv(M, cfg["BLOCK_M"]) + groups) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
+        grid = ((cdiv(M, cfg["BLOCK_M"]) + groups) * cdiv(n_out, cfg["BLOCK_N"]),)
         _grouped_gemm_kernel[grid](
             a, b, out, preact, bias, pair_ids, scale, offsets, M, n_out, a.shape[1],
             a.stride(0), a.stride(1), bs[0], bs[1], bs[2], out.stride(0), out.stride(1),
@@ -342,16 +343,16 @@ def grouped_dact(dc: torch.Tensor, w: torch.Tensor, preact: torch.Tensor, activa
                              gather_div > 0 or gate is not None)
     F = wt.shape[-1]
     check(preact.shape[-1] == (2 * F if activation == "swiglu" else F), op,
-          f"preact has {preact.shape[-1]} columns for activation {activation} and F={F}")
+          "preact has {} columns for activation {} and F={}", preact.shape[-1], activation, F)
     M = preact.shape[0]
     cfg = dict(config or pick_config(dact_key(dc, w, preact, activation, offsets=offsets),
                                      dc))
-    n_tiles = triton.cdiv(F, cfg["BLOCK_N"])
+    n_tiles = cdiv(F, cfg["BLOCK_N"])
     dpre = torch.empty_like(preact)
     dgate_part = (torch.empty(gate.numel(), n_tiles, device=dc.device, dtype=torch.float32)
                   if gate is not None else None)
     if M and F:
-        grid = ((triton.cdiv(M, cfg["BLOCK_M"]) + groups) * n_tiles,)
+        grid = ((cdiv(M, cfg["BLOCK_M"]) + groups) * n_tiles,)
         _grouped_dact_kernel[grid](
             dc, wt, preact, dpre, pair_ids, gate, dgate_part, offsets, M, F, dc.shape[1],
             dc.stride(0), dc.stride(1), bs[0], bs[1], bs[2], preact.stride(0),

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, check_tensor, custom_op, pow2
+from ._common import cdiv, check, check_tensor, custom_op, pow2
 
 NORM_CODES = {"layernorm": 0, "rmsnorm": 1}
 
@@ -48,7 +48,7 @@ def norm_forward(x: torch.Tensor, kind: str, weight, bias, eps: float):
     """N(x) over the last dim of x [T, N]. Returns (y [T, N] in x.dtype, mean [T] fp32,
     rstd [T] fp32); mean is 0 for RMSNorm. ``kind`` is ``layernorm`` or ``rmsnorm``."""
     check_tensor(x, "norm", "x", 2)
-    check(kind in NORM_CODES, "norm", f"kind must be layernorm or rmsnorm, got {kind!r}")
+    check(kind in NORM_CODES, "norm", "kind must be layernorm or rmsnorm, got {!r}", kind)
     T, N = x.shape
     y = torch.empty_like(x)
     mean = torch.empty(T, device=x.device, dtype=torch.float32)
@@ -113,10 +113,10 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, kind: str, weight, bias, me
     """
     check_tensor(dy, "norm_backward", "dy", 2)
     check_tensor(x, "norm_backward", "x", 2, device=dy.device)
-    check(dy.shape == x.shape, "norm_backward", f"dy {tuple(dy.shape)} != x {tuple(x.shape)}")
+    check(dy.shape == x.shape, "norm_backward", "dy {} != x {}", tuple(dy.shape), tuple(x.shape))
     T, N = x.shape
     dx = torch.empty(T, N, device=x.device, dtype=dx_dtype or x.dtype)
-    nprog = triton.cdiv(T, NORM_BWD_ROWS)
+    nprog = cdiv(T, NORM_BWD_ROWS)
     dwp = torch.empty(nprog, N, device=x.device, dtype=torch.float32)
     dbp = torch.empty(nprog, N, device=x.device, dtype=torch.float32)
     if T:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, check_tensor, custom_op, pow2
+from ._common import cdiv, check, check_tensor, custom_op, pow2
 from .router import BLOCK_T
 
 SCAN_CHUNK = 256  # router blocks per step of the scan
@@ -77,10 +77,10 @@ def permute_forward(topk_ids: torch.Tensor, block_counts: torch.Tensor,
                  device=topk_ids.device)
     T, k = topk_ids.shape
     E = num_experts
-    nb = triton.cdiv(T, BLOCK_T)
+    nb = cdiv(T, BLOCK_T)
     for name, t in (("block_counts", block_counts), ("block_gates", block_gates)):
-        check(tuple(t.shape) == (nb, E), "permute",
-              f"{name} must be [{nb}, {E}], got {tuple(t.shape)}")
+        check(tuple(t.shape) == (nb, E), "permute", "{} must be [{}, {}], got {}", name, nb, E,
+              tuple(t.shape))
     dev = topk_ids.device
     block_base = torch.empty(nb, E, device=dev, dtype=torch.int32)
     offsets = torch.empty(E + 1, device=dev, dtype=torch.int32)

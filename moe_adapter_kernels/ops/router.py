@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, check_tensor, custom_op, pow2
+from ._common import cdiv, check, check_tensor, custom_op, pow2
 
 BLOCK_T = 32  # tokens per router program; the permutation works on the same blocks
 
@@ -67,18 +67,19 @@ def _router_kernel(U, Wg, Logits, Ids, Weights, BlockCounts, BlockGates, T, D,
 def route_forward(u: torch.Tensor, w_gate: torch.Tensor, top_k: int):
     """Router on u [T, d] with w_gate [d, E].
 
-    Returns logits [T, E] fp32, topk_ids [T, k] int32 (descending logit), topk_weights [T, k]
-    fp32 (softmax over the k kept logits), and per block of BLOCK_T tokens, block_counts
+    Returns logits [T, E] fp32, topk_ids [T, k] int32 (descending logit; ties to the lower
+    index; NaN above everything, so a row always names k distinct experts), topk_weights
+    [T, k] fp32 (softmax over the k kept logits), and per block of BLOCK_T tokens, block_counts
     [cdiv(T, BLOCK_T), E] int32 (pairs routed to each expert) and block_gates [cdiv(T,
     BLOCK_T), E] fp32 (the sum of their top-k weights).
     """
     check_tensor(u, "route", "u", 2)
     check_tensor(w_gate, "route", "w_gate", 2, device=u.device)
     T, d = u.shape
-    check(w_gate.shape[0] == d, "route", f"w_gate must be [{d}, E], got {tuple(w_gate.shape)}")
+    check(w_gate.shape[0] == d, "route", "w_gate must be [{}, E], got {}", d, tuple(w_gate.shape))
     E = w_gate.shape[1]
-    check(1 <= top_k <= E, "route", f"top_k must be in [1, {E}], got {top_k}")
-    nb = triton.cdiv(T, BLOCK_T)
+    check(1 <= top_k <= E, "route", "top_k must be in [1, {}], got {}", E, top_k)
+    nb = cdiv(T, BLOCK_T)
     dev = u.device
     logits = torch.empty(T, E, device=dev, dtype=torch.float32)
     ids = torch.empty(T, top_k, device=dev, dtype=torch.int32)
@@ -104,7 +105,7 @@ def route(u: torch.Tensor, w_gate: torch.Tensor, top_k: int
 @route.register_fake
 def _(u, w_gate, top_k):
     T, E = u.shape[0], w_gate.shape[1]
-    nb = triton.cdiv(T, BLOCK_T)
+    nb = cdiv(T, BLOCK_T)
     return (u.new_empty(T, E, dtype=torch.float32), u.new_empty(T, top_k, dtype=torch.int32),
             u.new_empty(T, top_k, dtype=torch.float32), u.new_empty(nb, E, dtype=torch.int32),
             u.new_empty(nb, E, dtype=torch.float32))

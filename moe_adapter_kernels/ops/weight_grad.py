@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check, custom_op, dot_in_fp32, interpreting
+from ._common import cdiv, check, custom_op, dot_in_fp32, interpreting
 from .grouped_gemm import ACTIVATIONS, _act, _pair_ids, _source_rows
 
 
@@ -81,8 +81,8 @@ def weight_grad(a: torch.Tensor, b: torch.Tensor, *, offsets: torch.Tensor | Non
     """
     op = "weight_grad"
     check(a.dtype == b.dtype and a.device == b.device, op, "a and b must share dtype and device",
-          TypeError)
-    check(a_activation in ACTIVATIONS, op, f"a_activation must be one of {list(ACTIVATIONS)}")
+          exc=TypeError)
+    check(a_activation in ACTIVATIONS, op, "a_activation must be one of {}", list(ACTIVATIONS))
     KA = a.shape[1] // 2 if a_activation == "swiglu" else a.shape[1]
     NB = b.shape[1]
     groups = 0 if offsets is None else offsets.shape[0] - 1
@@ -96,7 +96,7 @@ def weight_grad(a: torch.Tensor, b: torch.Tensor, *, offsets: torch.Tensor | Non
         # 128-wide tiles on the GPU halve that traffic against 64-wide ones
         bk, bn, br, warps = (32, 32, 32, 4) if interpreting() else (128, 128, 64, 8)
         wst = dw.stride() if groups else (0,) + tuple(dw.stride())
-        grid = (max(groups, 1), triton.cdiv(KA, bk) * triton.cdiv(NB, bn))
+        grid = (max(groups, 1), cdiv(KA, bk) * cdiv(NB, bn))
         _weight_grad_kernel[grid](
             a, b, dw, db, pair_ids, scale, offsets, M, KA, NB,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), wst[0], wst[1], wst[2],

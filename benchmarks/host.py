@@ -1,0 +1,82 @@
+"""Host cost of one eager forward of the Triton backend: the Python and dispatch work our
+code does around the kernels, with every Triton launch replaced by a no-op.
+
+At small T the GPU finishes a kernel faster than the host issues the next, so this is what
+the eager T = 512 row pays (the dense adapter issues ~5 launches). Runs on any machine, GPU
+or not: CPU tensors, nothing computed (outputs are garbage). Triton's own launcher is
+stubbed out too, so the real per-forward host cost on a GPU is this plus, per launch,
+Triton's launcher and the driver (a few microseconds each); the launch count is printed.
+Backward is not measured here (its torch ops would do real work on garbage routing).
+
+    python -m benchmarks.host --tokens 512 --iters 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+
+
+def measure(tokens: int, iters: int, preset: str) -> dict:
+    """{"total_us", "launches", "ops": {name: us}} per forward, medians over ``iters``."""
+    if (os.environ.pop("TRITON_INTERPRET", None) == "1"
+            and "moe_adapter_kernels.ops" in sys.modules):
+        raise RuntimeError("benchmarks.host: the kernels were loaded under TRITON_INTERPRET=1; "
+                           "run it in a fresh process without it")
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    from moe_adapter_kernels import MoEAdapter, MoEAdapterConfig, backends, ops  # noqa: F401
+    from moe_adapter_kernels.autograd import EAGER_KERNELS
+
+    launches = collections.Counter()
+    JITFunction.run = lambda self, *a, **k: launches.update(["all"])
+    backends.triton_status = lambda: (True, "launches stubbed by benchmarks.host")
+    spent = collections.defaultdict(float)
+    kernels = EAGER_KERNELS["triton"]
+    for name, fn in list(vars(kernels).items()):
+        def timed(*a, _fn=fn, _name=name, **k):
+            t0 = time.perf_counter()
+            out = _fn(*a, **k)
+            spent[_name] += time.perf_counter() - t0
+            return out
+        setattr(kernels, name, timed)
+    model = MoEAdapter(MoEAdapterConfig.preset(preset), backend="triton")
+    x = torch.randn(tokens, model.config.d_in)
+    totals = []
+    with torch.no_grad():
+        for i in range(iters + 10):  # 10 warm-up calls
+            if i == 10:
+                spent.clear()
+                launches.clear()
+            t0 = time.perf_counter()
+            model(x)
+            totals.append(time.perf_counter() - t0)
+    totals = sorted(totals[10:])
+    return {"total_us": 1e6 * totals[len(totals) // 2], "launches": launches["all"] / iters,
+            "ops": {n: 1e6 * s / iters for n, s in sorted(spent.items(), key=lambda kv: -kv[1])}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.host", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--preset", default="paper")
+    args = ap.parse_args(argv)
+    r = measure(args.tokens, args.iters, args.preset)
+    print(f"host cost of one eager forward, T={args.tokens}, preset {args.preset}, Triton "
+          f"launches stubbed (mean per op over {args.iters} calls):")
+    for name, us in r["ops"].items():
+        if us:
+            print(f"  {name:14s} {us:7.1f} us")
+    print(f"module forward: {r['total_us']:.1f} us (median), {r['launches']:.0f} Triton "
+          f"launches per forward")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
