@@ -410,3 +410,13 @@ def test_grouped_mlp_is_up_then_down():
     assert torch.equal(got, want)
     ref = grouped_reference(u, w1, ids, "silu")
     assert rel_err(got, grouped_reference(ref, w2, ids.reshape(-1, 1), "none", gates)) < 1e-5
+
+
+def test_triton_route_rejects_pair_counts_past_int32():
+    """Pair ids are int32: T * k >= 2^31 is refused before anything is allocated (an expanded
+    view stands in for the ~32 GiB input)."""
+    pytest.importorskip("triton")
+    router = importlib.import_module("moe_adapter_kernels.ops.router")
+    u = torch.zeros(1, 8, device=DEVICE).expand(2**30, 8)
+    with pytest.raises(ValueError, match=r"T \* top_k must be < 2\^31"):
+        router.route_forward(u, randn(8, 4), 2)

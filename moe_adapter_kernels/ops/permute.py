@@ -69,6 +69,8 @@ def permute_forward(topk_ids: torch.Tensor, block_counts: torch.Tensor,
     (expert e owns sorted positions expert_offsets[e] .. expert_offsets[e+1]) and aux [] fp32,
     L_aux = E * sum_e P_e f_e with P_e the mean top-k gate of expert e and f_e the fraction of
     tokens routed to it (0 when T = 0; the gradient is the caller's: E * f_e / T per gate).
+    The ids must be what the router gives (in [0, E), distinct within a row, consistent with
+    block_counts): checking values on the device would cost a host sync, so they are not.
     """
     check_tensor(topk_ids, "permute", "topk_ids", 2, dtypes=(torch.int32,))
     check_tensor(block_counts, "permute", "block_counts", 2, dtypes=(torch.int32,),

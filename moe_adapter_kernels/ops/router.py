@@ -79,6 +79,8 @@ def route_forward(u: torch.Tensor, w_gate: torch.Tensor, top_k: int):
     check(w_gate.shape[0] == d, "route", "w_gate must be [{}, E], got {}", d, tuple(w_gate.shape))
     E = w_gate.shape[1]
     check(1 <= top_k <= E, "route", "top_k must be in [1, {}], got {}", E, top_k)
+    check(T * top_k < 2**31, "route", "T * top_k must be < 2^31 (int32 pair ids), got {}",
+          T * top_k)
     nb = cdiv(T, BLOCK_T)
     dev = u.device
     logits = torch.empty(T, E, device=dev, dtype=torch.float32)
