@@ -21,7 +21,8 @@ import time
 
 
 def measure(tokens: int, iters: int, preset: str) -> dict:
-    """{"total_us", "launches", "ops": {name: us}} per forward, medians over ``iters``."""
+    """Per forward over ``iters`` calls: {"total_us": median, "launches": count, "ops": {name:
+    mean us}}."""
     if (os.environ.pop("TRITON_INTERPRET", None) == "1"
             and "moe_adapter_kernels.ops" in sys.modules):
         raise RuntimeError("benchmarks.host: the kernels were loaded under TRITON_INTERPRET=1; "

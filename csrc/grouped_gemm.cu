@@ -45,6 +45,12 @@ struct TileAcc {
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(f[i][j], 0.0f);
   }
+  // The fragment at row (A) / column (B) x and reduction offset kk of a shared tile stored
+  // x-fast ([k][ld]) or k-fast ([x][ld]).
+  template <bool X_FAST, typename Frag>
+  __device__ static void load(Frag& f, const T* s, int x, int kk, int ld) {
+    nvcuda::wmma::load_matrix_sync(f, X_FAST ? s + kk * ld + x : s + x * ld + kk, ld);
+  }
   template <bool AT, bool BT>
   __device__ void mma(const T* sA, const T* sB) {
     using namespace nvcuda;
@@ -54,20 +60,8 @@ struct TileAcc {
     for (int kk = 0; kk < BK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> fa[4];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> fb[2];
-      for (int i = 0; i < 4; ++i) {
-        const int m = wm * 64 + i * 16;
-        if (AT)
-          wmma::load_matrix_sync(fa[i], sA + kk * LDAT + m, LDAT);
-        else
-          wmma::load_matrix_sync(fa[i], sA + m * LDA + kk, LDA);
-      }
-      for (int j = 0; j < 2; ++j) {
-        const int n = wn * 32 + j * 16;
-        if (BT)
-          wmma::load_matrix_sync(fb[j], sB + n * LDBT + kk, LDBT);
-        else
-          wmma::load_matrix_sync(fb[j], sB + kk * LDB + n, LDB);
-      }
+      for (int i = 0; i < 4; ++i) load<AT>(fa[i], sA, wm * 64 + i * 16, kk, AT ? LDAT : LDA);
+      for (int j = 0; j < 2; ++j) load<!BT>(fb[j], sB, wn * 32 + j * 16, kk, BT ? LDBT : LDB);
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 2; ++j) wmma::mma_sync(f[i][j], fa[i], fb[j], f[i][j]);
     }

@@ -183,10 +183,12 @@ Tensors4 permute(const Tensor& topk_ids, const Tensor& block_counts, const Tenso
   TORCH_CHECK_VALUE(1 <= E && E <= 256, "moe_adapter_cuda.permute: supports 1 to 256 experts, got ",
                     E);
   const int64_t nb = (T + moe::kRouterTokens - 1) / moe::kRouterTokens;
-  for (const Tensor* t : {&block_counts, &block_gates})
-    TORCH_CHECK_VALUE(t->size(0) == nb && t->size(1) == E, "moe_adapter_cuda.permute: ",
-                      t == &block_counts ? "block_counts" : "block_gates", " must be [", nb, ", ",
-                      E, "], got ", t->sizes());
+  auto check_blocks = [&](const Tensor& t, const char* name) {
+    TORCH_CHECK_VALUE(t.size(0) == nb && t.size(1) == E, "moe_adapter_cuda.permute: ", name,
+                      " must be [", nb, ", ", E, "], got ", t.sizes());
+  };
+  check_blocks(block_counts, "block_counts");
+  check_blocks(block_gates, "block_gates");
   DEVICE_GUARD(topk_ids);
   const auto opt = topk_ids.options();
   Tensor block_base = alloc({nb, E}, opt);
