@@ -17,6 +17,12 @@
 
 #include "kernels.h"
 
+#ifdef MOE_EMULATE
+namespace emu {
+inline void set_reverse(bool on);  // csrc/emulate/emulate.h, included after this file
+}
+#endif
+
 namespace {
 
 using at::Tensor;
@@ -481,4 +487,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("emulated") = kDevice == at::kCPU;
   m.def("set_poison", [](bool on) { g_poison = on; },
         "Fill fresh outputs with NaN / -7 so elements a kernel fails to write show (tests).");
+#ifdef MOE_EMULATE
+  m.def("set_reverse", &emu::set_reverse,
+        "Run each block's threads and each grid's blocks in reverse order (race tests).");
+#endif
 }

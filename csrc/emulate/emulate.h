@@ -6,14 +6,23 @@
 // reaches __syncthreads() or returns, then the next one runs; a barrier is passed once every
 // live thread of the block has reached it (a barrier that only some threads reach is
 // reported as an error, as it is a bug on a GPU). Blocks run one after another. Shared memory
-// is shared by the block's fibers; dynamic shared memory is filled with 0xFF bytes (NaN /
-// -1) before each block, so reads of unwritten shared memory show. WMMA fragments hold whole
-// 16x16 tiles, computed by lane 0 of each warp in fp32. cp.async copies are queued per thread
-// and performed only when that thread waits for their group, so a read of a stage before its
-// wait sees stale bytes, as it may on a GPU.
+// is shared by the block's fibers; dynamic shared memory (128-byte aligned, as on a GPU) is
+// filled with 0xFF bytes (NaN / -1) before each block, so reads of unwritten shared memory
+// show. WMMA fragments hold whole 16x16 tiles, computed by lane 0 of each warp in fp32.
+// cp.async copies are queued per thread and performed only when that thread waits for their
+// group, so a read of a stage before its wait sees stale bytes, as it may on a GPU.
 //
-// Not emulated (checked on the GPU instead): memory-model races, warp-level primitives,
-// alignment, and timing.
+// Checked as the hardware requires (a failed check is reported when the launch ends):
+// WMMA load/store pointers 32-byte aligned with a leading dimension of a multiple of 16 bytes,
+// cp.async source and destination 16-byte aligned, and every fragment and cp.async
+// destination inside the dynamic shared memory.
+//
+// Races: set_reverse(true) runs the threads of each block, and the blocks of each grid, in
+// the opposite order. A kernel whose threads exchange data without a barrier between the
+// write and the read (or whose blocks depend on one another) then computes something else,
+// so running the tests both ways and comparing bit for bit exposes such races.
+//
+// Not emulated (checked on the GPU instead): warp-level primitives and timing.
 #pragma once
 
 #include <ucontext.h>
@@ -74,12 +83,37 @@ struct AsyncQueue {
 inline ucontext_t scheduler;
 inline std::vector<AsyncQueue> async_queues;
 inline std::vector<Fiber> fibers;
-inline std::vector<unsigned char> smem;
+inline std::vector<unsigned char> smem_storage;
+inline unsigned char* smem = nullptr;  // smem_storage's first 128-byte aligned byte
+inline size_t smem_size = 0;
 inline int current = 0;
+inline bool reverse = false;
+inline std::string error;  // the first failed check of the running launch
 inline const std::function<void()>* body = nullptr;
 constexpr size_t kStackBytes = 256 * 1024;
 
-inline unsigned char* dynamic_smem() { return smem.data(); }
+inline unsigned char* dynamic_smem() { return smem; }
+
+inline void set_reverse(bool on) { reverse = on; }
+
+// Record a failed check (the fiber goes on; launch() throws once the grid is done).
+inline void fail(const std::string& what) {
+  if (error.empty())
+    error = "CUDA emulator: " + what + " (thread " + std::to_string(current) + " of block (" +
+            std::to_string(block_idx.x) + ", " + std::to_string(block_idx.y) + "))";
+}
+
+inline bool aligned(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
+// True if [p, p + bytes) lies in the dynamic shared memory, else records why not.
+inline bool in_smem(const void* p, size_t bytes, const char* what) {
+  const auto* b = static_cast<const unsigned char*>(p);
+  if (b >= smem && b + bytes <= smem + smem_size) return true;
+  fail(std::string(what) + " outside the dynamic shared memory");
+  return false;
+}
 
 inline void fiber_entry() {
   (*body)();
@@ -89,7 +123,9 @@ inline void fiber_entry() {
 inline void syncthreads() { swapcontext(&fibers[current].ctx, &scheduler); }
 
 inline void cp_async16(void* dst, const void* src, bool valid) {
-  async_queues[current].open.push_back({dst, src, valid});
+  if (!aligned(dst, 16) || !aligned(src, 16)) fail("cp.async address not 16-byte aligned");
+  if (in_smem(dst, 16, "cp.async destination"))
+    async_queues[current].open.push_back({dst, src, valid});
 }
 
 inline void cp_async_commit() {
@@ -132,7 +168,8 @@ inline void run_block(int n) {
   int live = n;
   while (live) {
     int waiting = 0;
-    for (int i = 0; i < n; ++i) {
+    for (int j = 0; j < n; ++j) {
+      const int i = reverse ? n - 1 - j : j;
       if (fibers[i].done) continue;
       set_thread(i);
       swapcontext(&scheduler, &fibers[i].ctx);
@@ -147,23 +184,28 @@ inline void run_block(int n) {
   }
 }
 
-// Run fn once per thread of every block of the grid.
+// Run fn once per thread of every block of the grid; throws if a check failed.
 inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& fn) {
   const int n = static_cast<int>(block.x * block.y * block.z);
   if (static_cast<int>(fibers.size()) < n) fibers.resize(n);
   for (auto& f : fibers)
     if (f.stack.empty()) f.stack.resize(kStackBytes);
+  smem_storage.resize(smem_bytes + 128);
+  smem = smem_storage.data() + (128 - reinterpret_cast<uintptr_t>(smem_storage.data()) % 128);
+  smem_size = smem_bytes;
   body = &fn;
+  error.clear();
   grid_dim = grid;
   block_dim = block;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        block_idx = dim3(x, y, z);
-        smem.assign(smem_bytes, 0xFF);
-        run_block(n);
-      }
+  const unsigned blocks = grid.x * grid.y * grid.z;
+  for (unsigned j = 0; j < blocks && error.empty(); ++j) {
+    const unsigned b = reverse ? blocks - 1 - j : j;
+    block_idx = dim3(b % grid.x, (b / grid.x) % grid.y, b / (grid.x * grid.y));
+    std::memset(smem, 0xFF, smem_size);
+    run_block(n);
+  }
   body = nullptr;
+  if (!error.empty()) throw std::runtime_error(error);
 }
 
 }  // namespace emu
@@ -192,6 +234,16 @@ struct fragment {
 
 inline bool lane0() { return threadIdx.x % 32 == 0; }
 
+// The hardware's rules for a fragment's memory: 32-byte aligned, ldm a multiple of 16 bytes.
+template <typename T>
+inline bool fragment_ok(const T* p, unsigned ldm) {
+  if (!emu::aligned(p, 32) || (ldm * sizeof(T)) % 16 != 0) {
+    emu::fail("WMMA pointer not 32-byte aligned or ldm not a multiple of 16 bytes");
+    return false;
+  }
+  return emu::in_smem(p, (15 * ldm + 16) * sizeof(T), "WMMA fragment");
+}
+
 template <typename F>
 inline void fill_fragment(F& f, float v) {
   for (auto& e : f.x) e = v;
@@ -200,7 +252,7 @@ inline void fill_fragment(F& f, float v) {
 // Fragments hold their tile row-major whatever the memory layout they were loaded from.
 template <typename Use, typename T, typename L>
 inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
-  if (!lane0()) return;
+  if (!lane0() || !fragment_ok(p, ldm)) return;
   constexpr bool col = std::is_same<L, col_major>::value;
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = col ? p[c * ldm + r] : p[r * ldm + c];
@@ -223,7 +275,7 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
 
 inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
                               unsigned ldm, layout_t) {
-  if (!lane0()) return;
+  if (!lane0() || !fragment_ok(p, ldm)) return;
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c) p[r * ldm + c] = f.x[r * 16 + c];
 }
