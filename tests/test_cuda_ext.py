@@ -32,6 +32,31 @@ def test_nvcc_compiles_every_kernel_file(source, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
+def test_kernels_stay_in_bounds_under_address_sanitizer():
+    """The kernel and module tests of the cuda backend again, on the emulator built with
+    AddressSanitizer (MOE_ADAPTER_CUDA_EMULATE=asan): a kernel reading or writing past a
+    tensor's end, which faults on a GPU but may go unnoticed on the emulator, aborts them."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the real kernels run there")
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc, so no AddressSanitizer runtime")
+    libs = [subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True,
+                           text=True).stdout.strip() for lib in ("libasan.so", "libstdc++.so")]
+    if not all(os.path.isabs(lib) for lib in libs):
+        pytest.skip("gcc has no AddressSanitizer runtime (libasan.so)")
+    env = dict(os.environ, MOE_ADAPTER_CUDA_EMULATE="asan", LD_PRELOAD=" ".join(libs),
+               ASAN_OPTIONS="detect_leaks=0")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+                           "-k", "cuda", "tests/test_fused_ops.py", "tests/test_fused_module.py"],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=1200)
+    out = proc.stdout + proc.stderr  # -s: an ASan report reaches us before the abort
+    report = out.find("ERROR: AddressSanitizer")
+    assert report < 0, out[report:report + 4000]
+    assert proc.returncode == 0 and " passed" in out and " failed" not in out, out[-6000:]
+
+
 def test_setup_skips_the_extension_without_cuda():
     if torch.version.cuda is not None:
         pytest.skip("this torch has CUDA: setup.py would build the extension")

@@ -8,7 +8,11 @@ torch extensions cache (``TORCH_EXTENSIONS_DIR``; first use takes a minute or tw
 With ``MOE_ADAPTER_CUDA_EMULATE=1`` it instead builds the same kernel sources for the CPU
 against a small emulator of the CUDA execution model (``csrc/emulate/``), so the ``cuda``
 backend runs on CPU tensors: that is how CI tests these kernels without a GPU, as
-``TRITON_INTERPRET=1`` does for the Triton kernels.
+``TRITON_INTERPRET=1`` does for the Triton kernels. ``MOE_ADAPTER_CUDA_EMULATE=asan`` builds
+that emulation with AddressSanitizer, so a kernel's out-of-bounds global-memory access (a fault
+on a GPU) is reported; run Python with ``LD_PRELOAD="$(gcc -print-file-name=libasan.so)
+$(gcc -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0`` (libstdc++ too, or ASan
+cannot intercept the C++ exceptions of the argument checks).
 """
 
 from __future__ import annotations
@@ -26,11 +30,21 @@ log = logging.getLogger("moe_adapter_kernels")
 
 
 def emulating() -> bool:
-    """True under MOE_ADAPTER_CUDA_EMULATE=1 (the CUDA kernels run on CPU tensors)."""
-    return os.environ.get("MOE_ADAPTER_CUDA_EMULATE") == "1"
+    """True under MOE_ADAPTER_CUDA_EMULATE=1 or =asan (the CUDA kernels run on CPU tensors)."""
+    return os.environ.get("MOE_ADAPTER_CUDA_EMULATE") in ("1", "asan")
 
 
-def _jit(name: str, sources: list[Path]):
+def _asan_flags() -> list[str]:
+    """Compiler flags of the AddressSanitizer emulation; raises unless the process preloads
+    the ASan runtime and libstdc++ (an instrumented module cannot be loaded otherwise)."""
+    if not all(lib in os.environ.get("LD_PRELOAD", "") for lib in ("libasan", "libstdc++")):
+        raise RuntimeError("MOE_ADAPTER_CUDA_EMULATE=asan needs the ASan runtime and libstdc++ "
+                           "preloaded: run with LD_PRELOAD=\"$(gcc -print-file-name=libasan.so) "
+                           "$(gcc -print-file-name=libstdc++.so)\" ASAN_OPTIONS=detect_leaks=0")
+    return ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
+
+
+def _jit(name: str, sources: list[Path], flags: tuple[list[str], list[str]] = (["-O2"], [])):
     missing = [str(s) for s in sources if not s.exists()]
     if missing:
         raise RuntimeError(f"the extension was not prebuilt and its sources are missing "
@@ -38,8 +52,9 @@ def _jit(name: str, sources: list[Path]):
     from torch.utils.cpp_extension import load as cpp_load
     print(f"moe_adapter_kernels: building the {name} extension from {CSRC} (first use only; "
           f"a minute or two)...", file=sys.stderr, flush=True)
-    return cpp_load(name=name, sources=[str(s) for s in sources], extra_cflags=["-O2"],
-                    extra_cuda_cflags=["-O3"], extra_include_paths=[str(CSRC)])
+    return cpp_load(name=name, sources=[str(s) for s in sources], extra_cflags=flags[0],
+                    extra_ldflags=flags[1], extra_cuda_cflags=["-O3"],
+                    extra_include_paths=[str(CSRC)])
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,7 +62,11 @@ def load():
     """The extension module (building it if needed). Raises RuntimeError saying why it is
     unavailable."""
     if emulating():
-        return _jit("moe_adapter_cuda_emulated", [CSRC / "emulate" / "emulate.cpp"])
+        source = [CSRC / "emulate" / "emulate.cpp"]
+        if os.environ["MOE_ADAPTER_CUDA_EMULATE"] == "asan":
+            flags = _asan_flags()
+            return _jit("moe_adapter_cuda_emulated_asan", source, (flags, ["-fsanitize=address"]))
+        return _jit("moe_adapter_cuda_emulated", source)
     if torch.version.cuda is None:
         raise RuntimeError(f"this torch ({torch.__version__}) is a CPU-only build (set "
                            f"MOE_ADAPTER_CUDA_EMULATE=1 to run the CUDA kernels on the CPU)")
@@ -76,5 +95,6 @@ def status() -> tuple[bool, str]:
     except Exception as exc:  # a failed build or import: report, do not crash the caller
         return False, f"CUDA extension unavailable: {exc}"
     if ext.emulated:
-        return True, "CUDA C++ kernels emulated on the CPU (MOE_ADAPTER_CUDA_EMULATE=1)"
+        return True, (f"CUDA C++ kernels emulated on the CPU (MOE_ADAPTER_CUDA_EMULATE="
+                      f"{os.environ['MOE_ADAPTER_CUDA_EMULATE']})")
     return True, f"CUDA C++ extension on {torch.cuda.get_device_name()}"
