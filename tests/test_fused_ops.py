@@ -4,10 +4,12 @@ everywhere).
 
 Without a GPU these run on the CPU: the Triton kernels under TRITON_INTERPRET=1 and the CUDA
 kernels under their emulator (set in conftest), fp32 and fp16. Outputs are poisoned before
-the kernels run, so an unwritten element fails the comparison.
+the kernels run, so an unwritten element fails the comparison, and float inputs lie between
+NaN guard bands, so a read past either end of one (a missing mask) does too.
 """
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -32,8 +34,15 @@ def kn(backend):
     return KERNELS[backend]
 
 
+GUARD = 1 << 15  # elements of NaN before and after each input: more than a 128-row tile of it
+
+
 def randn(*shape, dtype=torch.float32, scale=1.0):
-    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+    """Fresh normal values in a tensor stored between NaN guard bands."""
+    n = math.prod(shape)
+    buf = torch.full((n + 2 * GUARD,), float("nan"), device=DEVICE, dtype=dtype)
+    t = buf[GUARD:GUARD + n].view(shape)
+    return t.copy_(torch.randn(*shape, device=DEVICE) * scale)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
