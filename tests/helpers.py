@@ -1,4 +1,6 @@
-"""Shared test utilities: relative error, small configs, routing control."""
+"""Shared test utilities: relative error, small configs, routing control, program order."""
+
+import contextlib
 
 import torch
 
@@ -59,3 +61,31 @@ def force_routing(model, live: list[int]) -> None:
         for e in live:
             w[:, e] = 1.0 + 0.05 * torch.randn_like(w[:, e])
         model.w_gate.copy_(w)
+
+
+@contextlib.contextmanager
+def programs_in_reverse(backend: str):
+    """Run every launch's programs (Triton) or blocks and their threads (CUDA emulator) in
+    reverse order inside the block. CPU only: the interpreter and the emulator run them one by
+    one, in order, by default."""
+    if backend == "cuda":
+        from moe_adapter_kernels import cuda
+        ext = cuda.load()
+        ext.set_reverse(True)
+        try:
+            yield
+        finally:
+            ext.set_reverse(False)
+        return
+    from triton.runtime.interpreter import InterpreterBuilder  # the interpreter's grid walk
+    set_idx = InterpreterBuilder.set_grid_idx
+
+    def reverse(self, x, y, z):
+        nx, ny, nz = self.grid_dim
+        set_idx(self, nx - 1 - x, ny - 1 - y, nz - 1 - z)
+
+    InterpreterBuilder.set_grid_idx = reverse
+    try:
+        yield
+    finally:
+        InterpreterBuilder.set_grid_idx = set_idx

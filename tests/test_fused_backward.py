@@ -10,7 +10,7 @@ import torch
 
 from moe_adapter_kernels import MoEAdapter
 
-from helpers import (DEVICE, TOL, VARIANTS, force_routing, rel_err,
+from helpers import (DEVICE, TOL, VARIANTS, force_routing, programs_in_reverse, rel_err,
                      small_config)
 
 CONFIGS = dict(VARIANTS, **{
@@ -126,6 +126,26 @@ def test_backward_is_bitwise_deterministic(backend):
     second = run(fused, x, dy)
     assert torch.equal(first[1], second[1])
     assert all(torch.equal(first[2][n], second[2][n]) for n in first[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_results_do_not_depend_on_program_order(dtype, backend):
+    """Race check (CPU): a forward and backward again with every launch's programs, or CUDA
+    blocks and their threads, in reverse order give the same bits. A program that reads what
+    another program of the same launch writes, or CUDA threads that exchange data without a
+    barrier between write and read, would see other values in the other order."""
+    if torch.cuda.is_available():
+        pytest.skip("program order is only controllable on the CPU")
+    cfg = small_config(expert_activation="swiglu", bias=True, num_experts=4, top_k=2)
+    _, fused = make_pair(cfg, backend, dtype)
+    x = torch.randn(150, cfg.d_in, device=DEVICE, dtype=dtype)  # 300 pairs: several M tiles
+    dy = torch.randn(150, cfg.d_out, device=DEVICE)
+    forward = run(fused, x, dy)
+    fused.zero_grad(set_to_none=True)
+    with programs_in_reverse(backend):
+        backward = run(fused, x, dy)
+    assert torch.equal(forward[0], backward[0]) and torch.equal(forward[1], backward[1])
+    assert all(torch.equal(forward[2][n], backward[2][n]) for n in forward[2])
 
 
 def test_input_without_grad_and_frozen_weights(backend):
