@@ -29,10 +29,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+GUARD = 4096  # elements of poison before and after each contiguous tensor the poison fixture hands out
+
+
 @pytest.fixture
 def poison(monkeypatch):
     """Make torch.empty / empty_like (and the CUDA extension's allocations, when it is loaded)
-    return NaN (floats) or -7 (ints), so any output element a kernel forgets to write shows."""
+    return NaN (floats) or -7 (ints), so any output element a kernel forgets to write shows.
+    Contiguous real (not fake) allocations also sit between GUARD elements of the same poison, checked
+    after the test, so a kernel writing past either end of an output shows too."""
     from moe_adapter_kernels import cuda
     ext = None
     if cuda.emulating() or torch.cuda.is_available():
@@ -43,12 +48,25 @@ def poison(monkeypatch):
     if ext is not None:
         ext.set_poison(True)
     empty, empty_like = torch.empty, torch.empty_like
+    guarded = []
 
     def fill(t):
         return t.fill_(float("nan") if t.is_floating_point() else -7) if t.numel() else t
 
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+    def guard(t):
+        if type(t) is not torch.Tensor or t.is_meta or not t.numel() or not t.is_contiguous():
+            return fill(t)
+        buf = fill(empty(t.numel() + 2 * GUARD, dtype=t.dtype, device=t.device))
+        guarded.append(buf)
+        return buf[GUARD:GUARD + t.numel()].view(t.shape)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: guard(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: guard(empty_like(*a, **k)))
     yield
     if ext is not None:
         ext.set_poison(False)
+    for buf in guarded:
+        bands = torch.cat([buf[:GUARD], buf[-GUARD:]])
+        intact = (bands.isnan().all() if bands.is_floating_point() else
+                  torch.equal(bands, fill(empty_like(bands))))
+        assert intact, f"a kernel wrote past the end of a {buf.dtype} tensor"
