@@ -3,6 +3,7 @@ GPU: launches are recorded instead of run, then compiled ahead of time. Run as a
 process without TRITON_INTERPRET (tests/test_sm90_compile.py does); prints one line a variant.
 """
 
+import multiprocessing
 import os
 import sys
 
@@ -17,6 +18,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
          torch.int32: "i32", torch.int64: "i64"}
 RECORDED = {}
+ITEMS = []  # RECORDED's entries in a fixed order, for the compile workers
 HOPPER_SMEM = 227 * 1024  # the most shared memory one block may use on an H100 / H200
 
 
@@ -99,24 +101,32 @@ def exercise(dtype):
                                     shared, nk, w, None, 1e-5, True)
 
 
+def compile_one(i: int) -> tuple[bool, str]:
+    """Compile recorded variant ITEMS[i] for sm_90: (ok, report line)."""
+    (name, _, const, _), (fn, sig, consts, opts) = ITEMS[i]
+    try:
+        kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                                options=opts)
+        smem = kernel.metadata.shared
+        assert smem <= HOPPER_SMEM, f"needs {smem} bytes of shared memory"
+        return True, f"ok   {name} {dict(const)} shared={smem}"
+    except Exception as exc:  # report every failure, then fail
+        return False, f"FAIL {name} {dict(const)}: {type(exc).__name__}: {str(exc)[:2000]}"
+
+
 def main() -> int:
     JITFunction.run = record
     for dtype in (torch.bfloat16, torch.float32):  # fp16 takes the bf16 code paths
         exercise(dtype)
     assert RECORDED, "no kernel launch was recorded"
-    target = GPUTarget("cuda", 90, 32)
-    failed = 0
-    for (name, _, const, _), (fn, sig, consts, opts) in sorted(RECORDED.items(),
-                                                              key=lambda kv: kv[0][0]):
-        try:
-            kernel = triton.compile(ASTSource(fn, sig, consts), target=target, options=opts)
-            smem = kernel.metadata.shared
-            assert smem <= HOPPER_SMEM, f"needs {smem} bytes of shared memory"
-            print(f"ok   {name} {dict(const)} shared={smem}")
-        except Exception as exc:  # report every failure, then fail
-            failed += 1
-            print(f"FAIL {name} {dict(const)}: {type(exc).__name__}: {str(exc)[:2000]}")
-    print(f"{len(RECORDED) - failed} of {len(RECORDED)} kernel variants compiled for sm_90")
+    ITEMS[:] = sorted(RECORDED.items(), key=lambda kv: kv[0][0])
+    # One compile per core: forked workers inherit ITEMS (kernels cannot be pickled).
+    with multiprocessing.get_context("fork").Pool(min(len(os.sched_getaffinity(0)), 8)) as pool:
+        results = pool.map(compile_one, range(len(ITEMS)), chunksize=1)
+    for _, line in results:
+        print(line)
+    failed = sum(not ok for ok, _ in results)
+    print(f"{len(ITEMS) - failed} of {len(ITEMS)} kernel variants compiled for sm_90")
     return 1 if failed else 0
 
 
