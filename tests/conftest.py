@@ -29,15 +29,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-GUARD = 4096  # elements of poison before and after each contiguous tensor the poison fixture hands out
+GUARD = 4096  # elements of poison before and after each tensor the poison fixture guards
 
 
 @pytest.fixture
 def poison(monkeypatch):
     """Make torch.empty / empty_like (and the CUDA extension's allocations, when it is loaded)
     return NaN (floats) or -7 (ints), so any output element a kernel forgets to write shows.
-    Contiguous real (not fake) allocations also sit between GUARD elements of the same poison, checked
-    after the test, so a kernel writing past either end of an output shows too."""
+    Contiguous real (not fake) allocations also sit between GUARD elements of the same
+    poison, checked after the test, so a kernel writing past either end of an output shows."""
     from moe_adapter_kernels import cuda
     ext = None
     if cuda.emulating() or torch.cuda.is_available():
