@@ -38,6 +38,7 @@ def poison(monkeypatch):
     return NaN (floats) or -7 (ints), so any output element a kernel forgets to write shows.
     Contiguous real (not fake) allocations also sit between GUARD elements of the same
     poison, checked after the test, so a kernel writing past either end of an output shows."""
+    from helpers import between_bands
     from moe_adapter_kernels import cuda
     ext = None
     if cuda.emulating() or torch.cuda.is_available():
@@ -50,15 +51,15 @@ def poison(monkeypatch):
     empty, empty_like = torch.empty, torch.empty_like
     guarded = []
 
-    def fill(t):
-        return t.fill_(float("nan") if t.is_floating_point() else -7) if t.numel() else t
+    def value(t):
+        return float("nan") if t.is_floating_point() else -7
 
     def guard(t):
         if type(t) is not torch.Tensor or t.is_meta or not t.numel() or not t.is_contiguous():
-            return fill(t)
-        buf = fill(empty(t.numel() + 2 * GUARD, dtype=t.dtype, device=t.device))
+            return t.fill_(value(t)) if t.numel() else t
+        view, buf = between_bands(t.shape, t.dtype, value(t), GUARD, t.device, empty)
         guarded.append(buf)
-        return buf[GUARD:GUARD + t.numel()].view(t.shape)
+        return view
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: guard(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: guard(empty_like(*a, **k)))
@@ -68,5 +69,5 @@ def poison(monkeypatch):
     for buf in guarded:
         bands = torch.cat([buf[:GUARD], buf[-GUARD:]])
         intact = (bands.isnan().all() if bands.is_floating_point() else
-                  torch.equal(bands, fill(empty_like(bands))))
+                  torch.equal(bands, torch.full_like(bands, value(bands))))
         assert intact, f"a kernel wrote past the end of a {buf.dtype} tensor"

@@ -1,6 +1,7 @@
 """Shared test utilities: relative error, small configs, routing control, program order."""
 
 import contextlib
+import math
 
 import torch
 
@@ -39,6 +40,16 @@ def require_fused(name: str) -> None:
         pytest.skip("the cuda backend needs a GPU or MOE_ADAPTER_CUDA_EMULATE=1")
     ok, why = cuda.status()
     assert ok, why
+
+
+def between_bands(shape, dtype, value, guard, device=DEVICE, empty=torch.empty):
+    """(tensor, buffer): a contiguous tensor of ``shape`` inside a 1-D buffer that holds
+    ``guard`` elements of ``value`` on either side (the tensor starts as ``value`` too), so a
+    kernel reading or writing past either end of it shows. ``empty`` allocates the buffer
+    (the poison fixture passes the unpatched torch.empty)."""
+    n = math.prod(shape)
+    buf = empty(n + 2 * guard, dtype=dtype, device=device).fill_(value)
+    return buf[guard:guard + n].view(shape), buf
 
 
 def small_config(**kw) -> MoEAdapterConfig:

@@ -9,7 +9,6 @@ NaN guard bands, so a read past either end of one (a missing mask) does too.
 """
 
 import importlib
-import math
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import torch
 from moe_adapter_kernels import reference
 from moe_adapter_kernels.autograd import KERNELS
 
-from helpers import DEVICE, TOL, rel_err
+from helpers import DEVICE, TOL, between_bands, rel_err
 
 BLOCK_T = 32  # tokens per router block, in both kernel sets
 
@@ -39,9 +38,7 @@ GUARD = 1 << 15  # elements of NaN before and after each input: more than a 128-
 
 def randn(*shape, dtype=torch.float32, scale=1.0):
     """Fresh normal values in a tensor stored between NaN guard bands."""
-    n = math.prod(shape)
-    buf = torch.full((n + 2 * GUARD,), float("nan"), device=DEVICE, dtype=dtype)
-    t = buf[GUARD:GUARD + n].view(shape)
+    t, _ = between_bands(shape, dtype, float("nan"), GUARD)
     return t.copy_(torch.randn(*shape, device=DEVICE) * scale)
 
 

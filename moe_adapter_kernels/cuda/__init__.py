@@ -44,7 +44,7 @@ def _asan_flags() -> list[str]:
     return ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
 
 
-def _jit(name: str, sources: list[Path], flags: tuple[list[str], list[str]] = (["-O2"], [])):
+def _jit(name: str, sources: list[Path], cflags=("-O2",), ldflags=()):
     missing = [str(s) for s in sources if not s.exists()]
     if missing:
         raise RuntimeError(f"the extension was not prebuilt and its sources are missing "
@@ -52,8 +52,8 @@ def _jit(name: str, sources: list[Path], flags: tuple[list[str], list[str]] = ([
     from torch.utils.cpp_extension import load as cpp_load
     print(f"moe_adapter_kernels: building the {name} extension from {CSRC} (first use only; "
           f"a minute or two)...", file=sys.stderr, flush=True)
-    return cpp_load(name=name, sources=[str(s) for s in sources], extra_cflags=flags[0],
-                    extra_ldflags=flags[1], extra_cuda_cflags=["-O3"],
+    return cpp_load(name=name, sources=[str(s) for s in sources], extra_cflags=list(cflags),
+                    extra_ldflags=list(ldflags), extra_cuda_cflags=["-O3"],
                     extra_include_paths=[str(CSRC)])
 
 
@@ -64,8 +64,8 @@ def load():
     if emulating():
         source = [CSRC / "emulate" / "emulate.cpp"]
         if os.environ["MOE_ADAPTER_CUDA_EMULATE"] == "asan":
-            flags = _asan_flags()
-            return _jit("moe_adapter_cuda_emulated_asan", source, (flags, ["-fsanitize=address"]))
+            return _jit("moe_adapter_cuda_emulated_asan", source, _asan_flags(),
+                        ["-fsanitize=address"])
         return _jit("moe_adapter_cuda_emulated", source)
     if torch.version.cuda is None:
         raise RuntimeError(f"this torch ({torch.__version__}) is a CPU-only build (set "
