@@ -1,42 +1,102 @@
 #!/usr/bin/env bash
 # GPU work in as few device calls as possible. Stages (default: all):
 #   build  the CUDA extension (pip install --no-build-isolation -e ., sm_90 unless
-#          TORCH_CUDA_ARCH_LIST says otherwise)
+#          TORCH_CUDA_ARCH_LIST says otherwise), in the background while later stages that do
+#          not need it run; stages that need it wait for it
+#   gtriton  GPU tests of the Triton backend (paper sizes, T up to 65536, no host sync, CUDA
+#          graphs, determinism, > 2^31 elements, training run, compile, Qwen2-Audio)
 #   unit   the CPU suite's kernel, module and extension tests, on the GPU (real kernels at odd
-#          small shapes, T = 0 and 1, empty experts, poisoned outputs)
-#   tests  GPU tests and the self-check      tune   tile tuning (commit the JSON it writes)
+#          small shapes, T = 0 and 1, empty experts, poisoned outputs), both backends
+#   gcuda  GPU tests of the CUDA backend and Triton-vs-CUDA agreement, and the self-check
+#   tune   tile tuning (commit the JSON it writes)
 #   bench  per-kernel and adapter benchmarks, and this host's cost per eager forward
-# Everything lands under $OUT: session.log, the tuned configs, kernels.json, bench.json/.md.
-# GPU_TESTS_K selects GPU tests (pytest -k), e.g. GPU_TESTS_K=triton, to split a long test
-# stage over two device calls.
+# What lands under $OUT (at most 8 files come back from the device tool): session.log;
+# results.tgz (build.log, tuned configs, kernels.json, bench*.json/.md); and the caches that
+# travel to the next call: the Triton kernel cache (triton.tgz.NN, 15 MB parts) and the built
+# extension (ext.tgz: _C*.so and the hash of csrc/ it was built from). Unpack them into the
+# git-ignored .gpucache/ here and name .gpucache in the next call's carry:
+#   cp $FILES/triton.tgz.* $FILES/ext.tgz .gpucache/
+# Each stage has a time limit; DEADLINE (seconds, default 560) bounds the whole script so that
+# the caches are saved before the device tool's 600-second limit.
 # Usage on the device machine, from the repo root:  bash benchmarks/gpu_session.sh [stage...]
 set -uo pipefail
 OUT=${OUT:-/tmp/moe_out}
-mkdir -p "$OUT"
+DEADLINE=${DEADLINE:-560}
+mkdir -p "$OUT" .gpucache
 LOG="$OUT/session.log"
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-stages=${*:-build unit tests tune bench}
-run() { echo "+ $*" | tee -a "$LOG"; "$@" 2>&1 | tee -a "$LOG"; }
-run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-run python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+R="$OUT/r"  # small results, bundled into results.tgz at exit
+mkdir -p "$R"
+export PYTHONPATH=.:tests${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+export TRITON_CACHE_DIR=/tmp/triton-cache XZ_OPT="-T0 -6"
+stages=${*:-build gtriton unit gcuda tune bench}
+say() { echo "$*" | tee -a "$LOG"; }
+# run LIMIT cmd...: at most LIMIT seconds, and never past DEADLINE
+run() {
+  local limit=$1; shift
+  local left=$((DEADLINE - SECONDS - 25))
+  ((left < limit)) && limit=$left
+  if ((limit < 20)); then say "- skipped (deadline): $*"; return 1; fi
+  say "+ [${SECONDS}s, limit ${limit}s] $*"
+  timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  ((rc == 124)) && say "!! timed out after ${limit}s: $*"
+  return "$rc"
+}
+save_caches() {
+  say "+ [${SECONDS}s] saving caches to \$OUT"
+  tar cJf - -C "$TRITON_CACHE_DIR" . | split -b 15m -d - "$OUT/triton.tgz."
+  ls moe_adapter_kernels/_C*.so >/dev/null 2>&1 && cp .gpucache/csrc.sha moe_adapter_kernels/ &&
+    tar czf "$OUT/ext.tgz" -C moe_adapter_kernels csrc.sha $(cd moe_adapter_kernels && ls _C*.so)
+  tar czf "$OUT/results.tgz" -C "$R" . && rm -rf "$R"
+  ls -la "$OUT" | tee -a "$LOG"
+}
+trap save_caches EXIT
+csrc_sha=$(cat csrc/*.cu csrc/*.cpp csrc/*.cuh csrc/*.h | sha256sum | cut -c1-16)
+mkdir -p "$TRITON_CACHE_DIR"
+ls .gpucache/triton.tgz.* >/dev/null 2>&1 && cat .gpucache/triton.tgz.* | tar xJf - -C "$TRITON_CACHE_DIR"
+[[ -f .gpucache/ext.tgz ]] && tar xzf .gpucache/ext.tgz -C .gpucache
+run 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+run 60 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+BUILD_PID=
+wait_build() {
+  [[ -n $BUILD_PID ]] || return 0
+  say "+ [${SECONDS}s] waiting for the extension build"
+  wait "$BUILD_PID"; say "  build exit $? (log: build.log)"; BUILD_PID=
+  tail -n 5 "$R/build.log" | tee -a "$LOG"
+  run 60 python -c "from moe_adapter_kernels import backends; print(backends.status('cuda'))"
+}
 for stage in $stages; do
   case $stage in
-    build) run pip install --no-build-isolation --no-deps -e .
-           run python -c "from moe_adapter_kernels import backends; print(backends.status('cuda'))" ;;
-    unit)  run python -m pytest -q -rf -m "not gpu" --durations=10 tests/test_fused_ops.py \
-               tests/test_fused_module.py tests/test_fused_backward.py tests/test_cuda_ext.py ;;
-    tests) run python -m pytest -m gpu -q -rf --durations=15 ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} \
-               tests/test_gpu.py
-           run python -m moe_adapter_kernels.cli check --dtype float32 float16 bfloat16 ;;
-    tune)  run python -m benchmarks.tune
-           cp moe_adapter_kernels/ops/tuned/*.json "$OUT/" 2>/dev/null ;;
-    bench) run python -m benchmarks.host --tokens 512
-           run python -m benchmarks.kernels --json "$OUT/kernels.json"
-           run python -m moe_adapter_kernels.cli bench --json "$OUT/bench.json" \
-               --markdown "$OUT/bench.md" --plot "$OUT/bench.png"
-           run python -m moe_adapter_kernels.cli bench --graphs --tokens 512 2048 8192 \
-               --json "$OUT/bench-graphs.json" --markdown "$OUT/bench-graphs.md" ;;
-    *) echo "unknown stage $stage (build, unit, tests, tune, bench)"; exit 2 ;;
+    build)
+      if ls .gpucache/_C*.so >/dev/null 2>&1 && [[ $(cat .gpucache/csrc.sha 2>/dev/null) == "$csrc_sha" ]]; then
+        cp .gpucache/_C*.so moe_adapter_kernels/ && say "+ reusing the carried extension ($csrc_sha)"
+      else
+        echo "$csrc_sha" > .gpucache/csrc.sha
+        say "+ [${SECONDS}s] building the extension in the background (build.log)"
+        (timeout 400 pip install --no-build-isolation --no-deps -e . > "$R/build.log" 2>&1) &
+        BUILD_PID=$!
+      fi ;;
+    gtriton) run 300 python -m pytest -m gpu -q -rf -n 4 --durations=15 -p no:cacheprovider \
+               -k "triton and not agree" tests/test_gpu.py ;;
+    unit)  wait_build
+           run 240 python -m pytest -q -rf -n 8 -m "not gpu" --durations=10 -p no:cacheprovider \
+               tests/test_fused_ops.py tests/test_fused_module.py tests/test_fused_backward.py \
+               tests/test_cuda_ext.py ;;
+    gcuda) wait_build
+           run 240 python -m pytest -m gpu -q -rf -n 4 --durations=15 -p no:cacheprovider \
+               -k "cuda or agree" tests/test_gpu.py
+           run 120 python -m moe_adapter_kernels.cli check --dtype float32 float16 bfloat16 ;;
+    tune)  run 300 python -m benchmarks.tune
+           cp moe_adapter_kernels/ops/tuned/*.json "$R/" 2>/dev/null ;;
+    bench) wait_build
+           run 60 python -m benchmarks.host --tokens 512
+           run 120 python -m benchmarks.kernels --json "$R/kernels.json"
+           run 240 python -m moe_adapter_kernels.cli bench --json "$R/bench.json" \
+               --markdown "$R/bench.md"
+           run 120 python -m moe_adapter_kernels.cli bench --graphs --tokens 512 2048 8192 \
+               --json "$R/bench-graphs.json" --markdown "$R/bench-graphs.md" ;;
+    *) say "unknown stage $stage (build, gtriton, unit, gcuda, tune, bench)"; exit 2 ;;
   esac
 done
+wait_build
