@@ -218,6 +218,10 @@ def main(argv=None) -> int:
             status = 0 if ok else 1
     names = args.backends or [b for b in backends.available_backends()
                               if gpu or b == "torch"]
+    if args.graphs and "torch" in names:  # its per-expert loop sizes tensors on the host
+        say("--graphs: skipping the torch backend (it syncs with the host, so a CUDA graph "
+            "cannot capture it)")
+        names.remove("torch")
     bench = timer(device)
     cpu_name = f"CPU ({platform.processor() or platform.machine()})"
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -6,8 +6,10 @@
 #   gtriton  GPU tests of the Triton backend (paper sizes, T up to 65536, no host sync, CUDA
 #          graphs, determinism, > 2^31 elements, training run, compile, Qwen2-Audio)
 #   unit   the CPU suite's kernel, module and extension tests, on the GPU (real kernels at odd
-#          small shapes, T = 0 and 1, empty experts, poisoned outputs), both backends
+#          small shapes, T = 0 and 1, empty experts, poisoned outputs), both backends;
+#          UNIT_K selects some (pytest -k)
 #   gcuda  GPU tests of the CUDA backend and Triton-vs-CUDA agreement, and the self-check
+#   gpu    the GPU tests selected by GPU_TESTS_K (pytest -k; all when unset), both backends
 #   tune   tile tuning (commit the JSON it writes)
 #   bench  per-kernel and adapter benchmarks, and this host's cost per eager forward
 # What lands under $OUT (at most 8 files come back from the device tool): session.log;
@@ -74,20 +76,28 @@ for stage in $stages; do
       else
         echo "$csrc_sha" > .gpucache/csrc.sha
         say "+ [${SECONDS}s] building the extension in the background (build.log)"
-        (timeout 400 pip install --no-build-isolation --no-deps -e . > "$R/build.log" 2>&1) &
+        # pip's editable install keeps the built module outside the source tree, which
+        # PYTHONPATH=. shadows: copy it in, or every run here would JIT-build the extension
+        (timeout 400 pip install --no-build-isolation --no-deps -e . > "$R/build.log" 2>&1
+         so=$(cd / && PYTHONPATH= python -c "import moe_adapter_kernels._C as m; print(m.__file__)" 2>> "$R/build.log")
+         echo "installed extension module: ${so:-none}" >> "$R/build.log"
+         [[ -n $so && ! -e moe_adapter_kernels/$(basename "$so") ]] && cp "$so" moe_adapter_kernels/) &
         BUILD_PID=$!
       fi ;;
     gtriton) run 300 python -m pytest -m gpu -q -rf -n 4 --durations=15 -p no:cacheprovider \
                -k "triton and not agree" tests/test_gpu.py ;;
+    gpu)   wait_build
+           run 300 python -m pytest -m gpu -q -rf -n 4 --durations=15 -p no:cacheprovider \
+               ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/test_gpu.py ;;
     unit)  wait_build
            run 240 python -m pytest -q -rf -n 8 -m "not gpu" --durations=10 -p no:cacheprovider \
-               tests/test_fused_ops.py tests/test_fused_module.py tests/test_fused_backward.py \
-               tests/test_cuda_ext.py ;;
+               ${UNIT_K:+-k "$UNIT_K"} tests/test_fused_ops.py tests/test_fused_module.py \
+               tests/test_fused_backward.py tests/test_cuda_ext.py ;;
     gcuda) wait_build
            run 240 python -m pytest -m gpu -q -rf -n 4 --durations=15 -p no:cacheprovider \
                -k "cuda or agree" tests/test_gpu.py
            run 120 python -m moe_adapter_kernels.cli check --dtype float32 float16 bfloat16 ;;
-    tune)  run 300 python -m benchmarks.tune
+    tune)  run 330 python -m benchmarks.tune
            cp moe_adapter_kernels/ops/tuned/*.json "$R/" 2>/dev/null ;;
     bench) wait_build
            run 60 python -m benchmarks.host --tokens 512
@@ -96,7 +106,7 @@ for stage in $stages; do
                --markdown "$R/bench.md"
            run 120 python -m moe_adapter_kernels.cli bench --graphs --tokens 512 2048 8192 \
                --json "$R/bench-graphs.json" --markdown "$R/bench-graphs.md" ;;
-    *) say "unknown stage $stage (build, gtriton, unit, gcuda, tune, bench)"; exit 2 ;;
+    *) say "unknown stage $stage (build, gtriton, unit, gcuda, gpu, tune, bench)"; exit 2 ;;
   esac
 done
 wait_build

@@ -68,7 +68,7 @@ def resolve(name: str, device: torch.device, implemented: tuple[str, ...]) -> st
         for b in ("triton", "cuda"):
             if b in implemented and status(b)[0]:
                 return b
-            if b in implemented:
+            if b in implemented and not torch.compiler.is_compiling():
                 _log_fallback(b)
     return "torch"
 

@@ -124,8 +124,13 @@ class MoEAdapter(nn.Module):
         x2 = _autocast_input(x).reshape(-1, cfg.d_in)
         backend = backends.resolve(self.backend, x2.device, tuple(_MOE_IMPLS))
         if backend != self.backend_used:
-            log.debug("MoEAdapter runs on backend %r", backend)
+            if not torch.compiler.is_compiling():  # dynamo cannot trace logging calls
+                log.debug("MoEAdapter runs on backend %r", backend)
             self.backend_used = backend
+        # Release the previous step's autograd graph (held by aux_loss) before this step uses
+        # the parameters: else their gradient-accumulation nodes outlive every step, keeping
+        # the stream they were created on, and a CUDA graph capture after an eager step fails.
+        self.aux_loss = None
         y, routing, l_aux = _MOE_IMPLS[backend](x2, dict(self.named_parameters()), cfg)
         self.aux_loss = cfg.aux_loss_coef * l_aux
         self._routing = reference.Routing(*(t.detach() for t in routing))
