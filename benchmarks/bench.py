@@ -122,6 +122,10 @@ def measure(name, model, x, mode, bench, device, flops_per_token, graphs=False):
 
 
 def git_commit() -> str:
+    """The checkout's short commit (MOE_BENCH_COMMIT overrides it: a copied tree's .git may
+    be stale, as on a lent device machine)."""
+    if os.environ.get("MOE_BENCH_COMMIT"):
+        return os.environ["MOE_BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU work in as few device calls as possible. Stages (default: all):
-#   build  the CUDA extension (pip install --no-build-isolation -e ., sm_90 unless
+#   build  the CUDA extension (python -m pip install --no-build-isolation -e ., sm_90 unless
 #          TORCH_CUDA_ARCH_LIST says otherwise), in the background while later stages that do
 #          not need it run; stages that need it wait for it
 #   gtriton  GPU tests of the Triton backend (paper sizes, T up to 65536, no host sync, CUDA
@@ -76,9 +76,10 @@ for stage in $stages; do
       else
         echo "$csrc_sha" > .gpucache/csrc.sha
         say "+ [${SECONDS}s] building the extension in the background (build.log)"
-        # pip's editable install keeps the built module outside the source tree, which
-        # PYTHONPATH=. shadows: copy it in, or every run here would JIT-build the extension
-        (timeout 400 pip install --no-build-isolation --no-deps -e . > "$R/build.log" 2>&1
+        # python -m pip: a bare `pip` there belongs to another Python (no torch: the build
+        # skipped the extension). An editable install may keep the built module outside the
+        # source tree, which PYTHONPATH=. shadows: copy it in, or every run JIT-builds it
+        (timeout 400 python -m pip install -v --no-build-isolation --no-deps -e . > "$R/build.log" 2>&1
          so=$(cd / && PYTHONPATH= python -c "import moe_adapter_kernels._C as m; print(m.__file__)" 2>> "$R/build.log")
          echo "installed extension module: ${so:-none}" >> "$R/build.log"
          [[ -n $so && ! -e moe_adapter_kernels/$(basename "$so") ]] && cp "$so" moe_adapter_kernels/) &

@@ -36,6 +36,7 @@ def steps(model: MoEAdapter, x: torch.Tensor):
     hs, pre_s = ops.linear(u, p["shared_w1"], "silu", True)
     dz = torch.randn(T, D, device=x.device, dtype=x.dtype)
     dpre = ops.expert_dact(dz, p["w2"], pre, sp, off, gates, k, cfg.expert_activation)[0]
+    dpre_s = ops.linear_dact(dz, p["shared_w2"], pre_s, "silu")
     return [
         ("norm_in", lambda: ops.norm(x, w_in, b_in, cfg.norm, cfg.norm_eps), 0, 2 * T * d * b),
         ("route", lambda: ops.route(u, p["w_gate"], k), 2 * T * d * E,
@@ -64,6 +65,13 @@ def steps(model: MoEAdapter, x: torch.Tensor):
          (P * Fu + E * d * Fu + P * d) * b),
         ("bwd shared_dact", lambda: ops.linear_dact(dz, p["shared_w2"], pre_s, "silu"),
          2 * T * D * S, (T * D + S * D + 2 * T * S) * b),
+        ("bwd shared_dW2", lambda: ops.weight_grad_op(pre_s, dz, None, None, 0, 0, None, "silu"),
+         2 * T * S * D, (T * S + T * D + S * D) * b),
+        ("bwd shared_dW1", lambda: ops.weight_grad_op(u, dpre_s, None, None, 0, 0, None,
+                                                      "identity"),
+         2 * T * d * S, (T * d + T * S + d * S) * b),
+        ("bwd shared_dx", lambda: ops.linear(dpre_s, p["shared_w1"].t(), "identity"),
+         2 * T * S * d, (T * S + S * d + T * d) * b),
     ]
 
 

@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 
 #ifndef MOE_EMULATE
 #include <c10/cuda/CUDAGuard.h>
@@ -24,6 +25,41 @@ inline void set_reverse(bool on);  // csrc/emulate/emulate.h, included after thi
 #endif
 
 namespace {
+
+// Argument errors are formatted here with std::to_string and string concatenation, and thrown
+// as c10 errors, never through TORCH_CHECK's iostream formatting: on the GPU image (torch 2.11,
+// CUDA 13) streaming an integer from inside this module crashed (SIGSEGV in num_put: the
+// module's stream code and the process's locale disagree), turning every bad-argument error
+// into a segfault.
+std::string piece(const char* s) { return s; }
+std::string piece(const std::string& s) { return s; }
+std::string piece(at::ScalarType t) { return c10::toString(t); }
+std::string piece(const at::Device& d) { return d.str(); }
+template <class I, std::enable_if_t<std::is_integral_v<I>, int> = 0>
+std::string piece(I v) {
+  return std::to_string(v);
+}
+std::string piece(at::IntArrayRef r) {
+  std::string s = "[";
+  for (size_t i = 0; i < r.size(); ++i) s += (i ? ", " : "") + std::to_string(r[i]);
+  return s + "]";
+}
+template <class... A>
+std::string message(const A&... parts) {
+  std::string s;
+  ((s += piece(parts)), ...);
+  return s;
+}
+
+#define MOE_CHECK_AS(kind, cond, ...)                                                 \
+  do {                                                                                \
+    if (!(cond))                                                                      \
+      throw ::c10::kind({__func__, __FILE__, static_cast<uint32_t>(__LINE__)},        \
+                        message(__VA_ARGS__));                                        \
+  } while (0)
+#define MOE_CHECK(cond, ...) MOE_CHECK_AS(Error, cond, __VA_ARGS__)
+#define MOE_CHECK_VALUE(cond, ...) MOE_CHECK_AS(ValueError, cond, __VA_ARGS__)
+#define MOE_CHECK_TYPE(cond, ...) MOE_CHECK_AS(TypeError, cond, __VA_ARGS__)
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
@@ -54,7 +90,7 @@ moe::DType dtype_of(const Tensor& t, const char* op, const char* name) {
     case at::kHalf: return moe::kF16;
     case at::kBFloat16: return moe::kBF16;
     default:
-      TORCH_CHECK_TYPE(false, "moe_adapter_cuda.", op, ": ", name, " has dtype ", t.scalar_type(),
+      MOE_CHECK_TYPE(false, "moe_adapter_cuda.", op, ": ", name, " has dtype ", t.scalar_type(),
                        "; expected float32, float16 or bfloat16");
   }
   return moe::kF32;
@@ -62,28 +98,28 @@ moe::DType dtype_of(const Tensor& t, const char* op, const char* name) {
 
 // A tensor of `dim` dims on the kernels' device, contiguous in its last dim (`contig`: fully).
 void check(const Tensor& t, const char* op, const char* name, int64_t dim, bool contig = true) {
-  TORCH_CHECK_VALUE(t.device().type() == kDevice, "moe_adapter_cuda.", op, ": ", name, " is on ",
+  MOE_CHECK_VALUE(t.device().type() == kDevice, "moe_adapter_cuda.", op, ": ", name, " is on ",
               t.device(), "; expected a ", kDeviceName, " tensor");
-  TORCH_CHECK_VALUE(t.dim() == dim, "moe_adapter_cuda.", op, ": ", name, " must be a ", dim,
+  MOE_CHECK_VALUE(t.dim() == dim, "moe_adapter_cuda.", op, ": ", name, " must be a ", dim,
                     "-dim tensor, got shape ", t.sizes());
-  TORCH_CHECK_VALUE(!contig || t.is_contiguous(), "moe_adapter_cuda.", op, ": ", name,
+  MOE_CHECK_VALUE(!contig || t.is_contiguous(), "moe_adapter_cuda.", op, ": ", name,
               " must be contiguous (call .contiguous())");
 }
 
 void check_device(const Tensor& t, const Tensor& like, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == like.device(), "moe_adapter_cuda.", op, ": ", name, " is on ",
+  MOE_CHECK_VALUE(t.device() == like.device(), "moe_adapter_cuda.", op, ": ", name, " is on ",
               t.device(), ", expected ", like.device());
 }
 
 void check_same(const Tensor& t, const Tensor& like, const char* op, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), "moe_adapter_cuda.", op, ": ", name,
+  MOE_CHECK_TYPE(t.scalar_type() == like.scalar_type(), "moe_adapter_cuda.", op, ": ", name,
                    " has dtype ", t.scalar_type(), ", expected ", like.scalar_type());
   check_device(t, like, op, name);
 }
 
 void check_int(const Tensor& t, const Tensor& like, const char* op, const char* name) {
   check(t, op, name, 1);
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, "moe_adapter_cuda.", op, ": ", name,
+  MOE_CHECK_TYPE(t.scalar_type() == at::kInt, "moe_adapter_cuda.", op, ": ", name,
                    " must be int32, got ", t.scalar_type());
   check_device(t, like, op, name);
 }
@@ -91,7 +127,7 @@ void check_int(const Tensor& t, const Tensor& like, const char* op, const char* 
 const float* f32_ptr(const OptTensor& t, const Tensor& like, const char* op, const char* name) {
   if (!t) return nullptr;
   check(*t, op, name, 1);
-  TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "moe_adapter_cuda.", op, ": ", name,
+  MOE_CHECK_TYPE(t->scalar_type() == at::kFloat, "moe_adapter_cuda.", op, ": ", name,
                    " must be float32, got ", t->scalar_type());
   check_device(*t, like, op, name);
   return t->data_ptr<float>();
@@ -102,7 +138,7 @@ moe::Act act_of(c10::string_view name, const char* op) {
   if (name == "silu") return moe::kSilu;
   if (name == "swiglu") return moe::kSwiglu;
   if (name == "gelu") return moe::kGelu;
-  TORCH_CHECK_VALUE(false, "moe_adapter_cuda.", op, ": unknown activation '", std::string(name),
+  MOE_CHECK_VALUE(false, "moe_adapter_cuda.", op, ": unknown activation '", std::string(name),
               "'; expected none, identity, silu, swiglu or gelu");
   return moe::kIdentity;
 }
@@ -110,7 +146,7 @@ moe::Act act_of(c10::string_view name, const char* op) {
 int norm_of(c10::string_view name, const char* op, bool allow_none) {
   if (name == "layernorm") return 0;
   if (name == "rmsnorm") return 1;
-  TORCH_CHECK_VALUE(allow_none && name == "none", "moe_adapter_cuda.", op, ": unknown norm '",
+  MOE_CHECK_VALUE(allow_none && name == "none", "moe_adapter_cuda.", op, ": unknown norm '",
               std::string(name), "'; expected layernorm or rmsnorm", allow_none ? " or none" : "");
   return -1;
 }
@@ -131,7 +167,7 @@ void check_launch(cudaError_t err, const char* op) {
   (void)err;
   (void)op;
 #else
-  TORCH_CHECK(err == cudaSuccess, "moe_adapter_cuda.", op, ": kernel launch failed: ",
+  MOE_CHECK(err == cudaSuccess, "moe_adapter_cuda.", op, ": kernel launch failed: ",
               cudaGetErrorString(err));
 #endif
 }
@@ -148,12 +184,12 @@ Tensors5 route(const Tensor& u, const Tensor& w_gate, int64_t top_k) {
   check(w_gate, op, "w_gate", 2);
   check_same(w_gate, u, op, "w_gate");
   const int64_t T = u.size(0), d = u.size(1), E = w_gate.size(1);
-  TORCH_CHECK_VALUE(w_gate.size(0) == d, "moe_adapter_cuda.route: w_gate must be [", d, ", E], got ",
+  MOE_CHECK_VALUE(w_gate.size(0) == d, "moe_adapter_cuda.route: w_gate must be [", d, ", E], got ",
               w_gate.sizes());
-  TORCH_CHECK_VALUE(1 <= E && E <= 256, "moe_adapter_cuda.route: supports 1 to 256 experts, got ", E);
-  TORCH_CHECK_VALUE(1 <= top_k && top_k <= E, "moe_adapter_cuda.route: top_k must be in [1, ", E,
+  MOE_CHECK_VALUE(1 <= E && E <= 256, "moe_adapter_cuda.route: supports 1 to 256 experts, got ", E);
+  MOE_CHECK_VALUE(1 <= top_k && top_k <= E, "moe_adapter_cuda.route: top_k must be in [1, ", E,
               "], got ", top_k);
-  TORCH_CHECK_VALUE(T * top_k < (int64_t(1) << 31), "moe_adapter_cuda.route: T * top_k must be < 2^31");
+  MOE_CHECK_VALUE(T * top_k < (int64_t(1) << 31), "moe_adapter_cuda.route: T * top_k must be < 2^31");
   DEVICE_GUARD(u);
   const auto opt = u.options();
   const int64_t nb = (T + moe::kRouterTokens - 1) / moe::kRouterTokens;
@@ -178,19 +214,19 @@ Tensors4 permute(const Tensor& topk_ids, const Tensor& block_counts, const Tenso
   check(topk_ids, op, "topk_ids", 2);
   check(block_counts, op, "block_counts", 2);
   check(block_gates, op, "block_gates", 2);
-  TORCH_CHECK_TYPE(topk_ids.scalar_type() == at::kInt && block_counts.scalar_type() == at::kInt,
+  MOE_CHECK_TYPE(topk_ids.scalar_type() == at::kInt && block_counts.scalar_type() == at::kInt,
                    "moe_adapter_cuda.permute: topk_ids and block_counts must be int32");
-  TORCH_CHECK_TYPE(block_gates.scalar_type() == at::kFloat,
+  MOE_CHECK_TYPE(block_gates.scalar_type() == at::kFloat,
                    "moe_adapter_cuda.permute: block_gates must be float32, got ",
                    block_gates.scalar_type());
   check_device(block_counts, topk_ids, op, "block_counts");
   check_device(block_gates, topk_ids, op, "block_gates");
   const int64_t T = topk_ids.size(0), k = topk_ids.size(1), E = num_experts;
-  TORCH_CHECK_VALUE(1 <= E && E <= 256, "moe_adapter_cuda.permute: supports 1 to 256 experts, got ",
+  MOE_CHECK_VALUE(1 <= E && E <= 256, "moe_adapter_cuda.permute: supports 1 to 256 experts, got ",
                     E);
   const int64_t nb = (T + moe::kRouterTokens - 1) / moe::kRouterTokens;
   auto check_blocks = [&](const Tensor& t, const char* name) {
-    TORCH_CHECK_VALUE(t.size(0) == nb && t.size(1) == E, "moe_adapter_cuda.permute: ", name,
+    MOE_CHECK_VALUE(t.size(0) == nb && t.size(1) == E, "moe_adapter_cuda.permute: ", name,
                       " must be [", nb, ", ", E, "], got ", t.sizes());
   };
   check_blocks(block_counts, "block_counts");
@@ -219,14 +255,14 @@ int64_t check_gemm(const char* op, const Tensor& a, const Tensor& b, const OptTe
   const bool grouped = offsets.has_value();
   check(b, op, "b", grouped ? 3 : 2, false);
   check_same(b, a, op, "b");
-  TORCH_CHECK_VALUE(b.size(-2) == a.size(1), "moe_adapter_cuda.", op, ": b's reduction dim is ",
+  MOE_CHECK_VALUE(b.size(-2) == a.size(1), "moe_adapter_cuda.", op, ": b's reduction dim is ",
               b.size(-2), ", a has K=", a.size(1));
-  TORCH_CHECK_VALUE(!needs_pairs || pair_ids, "moe_adapter_cuda.", op,
+  MOE_CHECK_VALUE(!needs_pairs || pair_ids, "moe_adapter_cuda.", op,
               ": gather/scatter/scale/grouped need pair_ids");
   if (pair_ids) check_int(*pair_ids, a, op, "pair_ids");
   if (!grouped) return 0;
   check_int(*offsets, a, op, "offsets");
-  TORCH_CHECK_VALUE(offsets->size(0) == b.size(0) + 1, "moe_adapter_cuda.", op,
+  MOE_CHECK_VALUE(offsets->size(0) == b.size(0) + 1, "moe_adapter_cuda.", op,
               ": offsets must have G+1 entries");
   return b.size(0);
 }
@@ -240,13 +276,13 @@ Tensors2 grouped_gemm(const Tensor& a, const Tensor& b, const OptTensor& offsets
                                offsets || gather_div > 0 || scatter || scale);
   const moe::Act act = act_of(activation, op);
   const int64_t Nb = b.size(-1), N = act == moe::kSwiglu ? Nb / 2 : Nb;
-  TORCH_CHECK_VALUE(act != moe::kSwiglu || Nb % 2 == 0, "moe_adapter_cuda.grouped_gemm: a swiglu "
+  MOE_CHECK_VALUE(act != moe::kSwiglu || Nb % 2 == 0, "moe_adapter_cuda.grouped_gemm: a swiglu "
               "weight needs an even number of columns, got ", Nb);
   const int64_t M = G ? pair_ids->size(0) : a.size(0);
   if (bias) {
     check(*bias, op, "bias", G ? 2 : 1);
     check_same(*bias, a, op, "bias");
-    TORCH_CHECK_VALUE(bias->size(-1) == Nb, "moe_adapter_cuda.grouped_gemm: bias must have ", Nb,
+    MOE_CHECK_VALUE(bias->size(-1) == Nb, "moe_adapter_cuda.grouped_gemm: bias must have ", Nb,
                 " columns, got ", bias->sizes());
   }
   DEVICE_GUARD(a);
@@ -285,7 +321,7 @@ Tensors2 grouped_dact(const Tensor& dc, const Tensor& w, const Tensor& preact,
   const int64_t F = wt.size(-1);
   check(preact, op, "preact", 2);
   check_same(preact, dc, op, "preact");
-  TORCH_CHECK_VALUE(preact.size(1) == (act == moe::kSwiglu ? 2 * F : F), "moe_adapter_cuda.",
+  MOE_CHECK_VALUE(preact.size(1) == (act == moe::kSwiglu ? 2 * F : F), "moe_adapter_cuda.",
               op, ": preact has ", preact.size(1), " columns for activation ",
               std::string(activation), " and F=", F);
   const int64_t M = preact.size(0);
@@ -329,10 +365,10 @@ Tensors2 weight_grad(const Tensor& a, const Tensor& b, const OptTensor& offsets,
   const int64_t G = offsets ? offsets->size(0) - 1 : 0;
   if (offsets) check_int(*offsets, a, op, "offsets");
   if (pair_ids) check_int(*pair_ids, a, op, "pair_ids");
-  TORCH_CHECK_VALUE(pair_ids || (!offsets && a_gather_div == 0 && b_gather_div == 0 && !scale),
+  MOE_CHECK_VALUE(pair_ids || (!offsets && a_gather_div == 0 && b_gather_div == 0 && !scale),
               "moe_adapter_cuda.weight_grad: grouped rows, gathers and scale need pair_ids");
   const int64_t M = pair_ids ? pair_ids->size(0) : a.size(0);
-  TORCH_CHECK_VALUE(pair_ids || b.size(0) == M, "moe_adapter_cuda.weight_grad: a has ", M,
+  MOE_CHECK_VALUE(pair_ids || b.size(0) == M, "moe_adapter_cuda.weight_grad: a has ", M,
               " rows, b has ", b.size(0));
   DEVICE_GUARD(a);
   std::vector<int64_t> shape = G ? std::vector<int64_t>{G, KA, NB} : std::vector<int64_t>{KA, NB};
@@ -366,7 +402,7 @@ void check_affine(const OptTensor& p, const Tensor& x, int64_t N, const char* op
   if (!p) return;
   check(*p, op, name, 1);
   check_same(*p, x, op, name);
-  TORCH_CHECK_VALUE(p->size(0) == N, "moe_adapter_cuda.", op, ": ", name, " must have ", N,
+  MOE_CHECK_VALUE(p->size(0) == N, "moe_adapter_cuda.", op, ": ", name, " must have ", N,
               " elements, got ", p->size(0));
 }
 
@@ -377,12 +413,12 @@ Tensors4 norm_rows(const char* op, const Tensor& x, const OptTensor& shared, int
   check(x, op, "x", 2);
   const int64_t N = x.size(1);
   const int64_t T = k ? x.size(0) / k : x.size(0);
-  TORCH_CHECK_VALUE(!k || x.size(0) % k == 0, "moe_adapter_cuda.", op, ": y_pairs has ", x.size(0),
+  MOE_CHECK_VALUE(!k || x.size(0) % k == 0, "moe_adapter_cuda.", op, ": y_pairs has ", x.size(0),
               " rows, not a multiple of k=", k);
   if (shared) {
     check(*shared, op, "shared", 2);
     check_same(*shared, x, op, "shared");
-    TORCH_CHECK_VALUE(shared->size(0) == T && shared->size(1) == N, "moe_adapter_cuda.", op,
+    MOE_CHECK_VALUE(shared->size(0) == T && shared->size(1) == N, "moe_adapter_cuda.", op,
                 ": shared must be [", T, ", ", N, "], got ", shared->sizes());
   }
   check_affine(weight, x, N, op, "weight");
@@ -413,7 +449,7 @@ Tensors3 norm(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
 Tensors4 combine(const Tensor& y_pairs, const OptTensor& shared, int64_t top_k,
                  c10::string_view norm, const OptTensor& weight, const OptTensor& bias,
                  double eps, bool save_sum) {
-  TORCH_CHECK_VALUE(top_k >= 1, "moe_adapter_cuda.combine: top_k must be >= 1, got ", top_k);
+  MOE_CHECK_VALUE(top_k >= 1, "moe_adapter_cuda.combine: top_k must be >= 1, got ", top_k);
   return norm_rows("combine", y_pairs, shared, top_k, norm_of(norm, "combine", true), weight,
                    bias, eps, save_sum);
 }
@@ -424,7 +460,7 @@ Tensors3 norm_backward(const Tensor& dy, const Tensor& x, const OptTensor& weigh
   const char* op = "norm_backward";
   check(dy, op, "dy", 2);
   check(x, op, "x", 2);
-  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), "moe_adapter_cuda.norm_backward: dy ", dy.sizes(),
+  MOE_CHECK_VALUE(dy.sizes() == x.sizes(), "moe_adapter_cuda.norm_backward: dy ", dy.sizes(),
               " != x ", x.sizes());
   const int64_t T = x.size(0), N = x.size(1);
   check_affine(weight, x, N, op, "weight");

@@ -118,6 +118,10 @@ class MoEAdapter(nn.Module):
         return self.config.flops_per_token()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Release the previous step's autograd graph (held by aux_loss) before any op on x or
+        # the parameters: else their gradient-accumulation nodes outlive every step, keeping
+        # the stream they were created on, and a CUDA graph capture after an eager step fails.
+        self.aux_loss = None
         cfg = self.config
         check_input(x, cfg.d_in, self.w_gate, "MoEAdapter")
         lead = x.shape[:-1]
@@ -127,10 +131,6 @@ class MoEAdapter(nn.Module):
             if not torch.compiler.is_compiling():  # dynamo cannot trace logging calls
                 log.debug("MoEAdapter runs on backend %r", backend)
             self.backend_used = backend
-        # Release the previous step's autograd graph (held by aux_loss) before this step uses
-        # the parameters: else their gradient-accumulation nodes outlive every step, keeping
-        # the stream they were created on, and a CUDA graph capture after an eager step fails.
-        self.aux_loss = None
         y, routing, l_aux = _MOE_IMPLS[backend](x2, dict(self.named_parameters()), cfg)
         self.aux_loss = cfg.aux_loss_coef * l_aux
         self._routing = reference.Routing(*(t.detach() for t in routing))

@@ -40,6 +40,28 @@ def test_aux_loss_is_scaled_by_the_coefficient():
     assert b.aux_loss.item() == 0.0 and b.routing_stats().aux_loss.item() > 0
 
 
+def test_a_step_releases_the_previous_steps_graph(model):
+    """The next forward drops the graph that aux_loss keeps from the last step before touching
+    x or the parameters, so their gradient-accumulation nodes are rebuilt each step (on a GPU
+    they remember the stream they were made on: one kept from an eager step on the default
+    stream breaks a later CUDA-graph capture). Node metadata marks the old nodes."""
+    x = torch.randn(16, 72).requires_grad_(True)
+    tensors = {"x": x, **dict(model.named_parameters())}
+
+    def accumulator(t):
+        return t.view_as(t).grad_fn.next_functions[0][0]
+
+    def step():  # keeps no reference to its output or loss, as a training loop's body
+        (model(x).square().mean() + model.aux_loss).backward()
+
+    step()
+    for t in tensors.values():
+        accumulator(t).metadata["step0"] = True
+    step()
+    kept = [n for n, t in tensors.items() if "step0" in accumulator(t).metadata]
+    assert not kept
+
+
 def test_routing_stats_before_forward_raises(model):
     with pytest.raises(RuntimeError, match="forward"):
         model.routing_stats()
