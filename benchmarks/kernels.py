@@ -16,7 +16,8 @@ import sys
 import torch
 
 from benchmarks.bench import DTYPES, ceilings, timer
-from moe_adapter_kernels import MoEAdapter, MoEAdapterConfig, ops
+from moe_adapter_kernels import MoEAdapter, MoEAdapterConfig, ops, reference
+from moe_adapter_kernels.autograd import scaled_hidden
 from moe_adapter_kernels.config import MOE_PRESETS
 
 
@@ -37,6 +38,7 @@ def steps(model: MoEAdapter, x: torch.Tensor):
     dz = torch.randn(T, D, device=x.device, dtype=x.dtype)
     dpre = ops.expert_dact(dz, p["w2"], pre, sp, off, gates, k, cfg.expert_activation)[0]
     dpre_s = ops.linear_dact(dz, p["shared_w2"], pre_s, "silu")
+    hg = scaled_hidden(pre, cfg.expert_activation, gates, sp)
     return [
         ("norm_in", lambda: ops.norm(x, w_in, b_in, cfg.norm, cfg.norm_eps), 0, 2 * T * d * b),
         ("route", lambda: ops.route(u, p["w_gate"], k), 2 * T * d * E,
@@ -56,22 +58,23 @@ def steps(model: MoEAdapter, x: torch.Tensor):
         ("bwd expert_dact", lambda: ops.expert_dact(dz, p["w2"], pre, sp, off, gates, k,
                                                     cfg.expert_activation),
          2 * P * D * F, (T * D + E * F * D + 2 * P * Fu) * b),
-        ("bwd dW2", lambda: ops.weight_grad_op(pre, dz, off, sp, 0, k, gates.reshape(-1),
-                                               cfg.expert_activation), 2 * P * F * D,
-         (P * Fu + P * D + E * F * D) * b),
+        ("bwd g*act(pre)", lambda: scaled_hidden(pre, cfg.expert_activation, gates, sp), 0,
+         (P * Fu + P * F) * b + P * 8),
+        ("bwd dW2", lambda: ops.weight_grad_op(hg, dz, off, sp, 0, k, None, "identity"),
+         2 * P * F * D, (P * F + P * D + E * F * D) * b),
         ("bwd dW1", lambda: ops.weight_grad_op(u, dpre, off, sp, k, 0, None, "identity"),
          2 * P * d * Fu, (P * d + P * Fu + E * d * Fu) * b),
         ("bwd expert_dx", lambda: ops.expert_dx(dpre, p["w1"], sp, off), 2 * P * Fu * d,
          (P * Fu + E * d * Fu + P * d) * b),
         ("bwd shared_dact", lambda: ops.linear_dact(dz, p["shared_w2"], pre_s, "silu"),
          2 * T * D * S, (T * D + S * D + 2 * T * S) * b),
-        ("bwd shared_dW2", lambda: ops.weight_grad_op(pre_s, dz, None, None, 0, 0, None, "silu"),
-         2 * T * S * D, (T * S + T * D + S * D) * b),
-        ("bwd shared_dW1", lambda: ops.weight_grad_op(u, dpre_s, None, None, 0, 0, None,
-                                                      "identity"),
-         2 * T * d * S, (T * d + T * S + d * S) * b),
-        ("bwd shared_dx", lambda: ops.linear(dpre_s, p["shared_w1"].t(), "identity"),
-         2 * T * S * d, (T * S + S * d + T * d) * b),
+        # the shared MLP's other backward GEMMs run in cuBLAS (see autograd._mlp_backward)
+        ("bwd shared_dW2 cuBLAS", lambda: reference.activation(pre_s, "silu").t() @ dz,
+         2 * T * S * D, (2 * T * S + T * D + S * D) * b),
+        ("bwd shared_dW1 cuBLAS", lambda: u.t() @ dpre_s, 2 * T * d * S,
+         (T * d + T * S + d * S) * b),
+        ("bwd shared_dx cuBLAS", lambda: dpre_s @ p["shared_w1"].t(), 2 * T * S * d,
+         (T * S + S * d + T * d) * b),
     ]
 
 

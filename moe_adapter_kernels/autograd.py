@@ -131,12 +131,18 @@ def _routed_backward(kn, cfg, dz, u, prm, s, needs, grads, need_u):
         grads["w2"], grads["b2"] = kn.weight_grad_op(s["pre1"], dz, off, sp, 0, k,
                                                      gates.reshape(-1), act, True)
     elif needs["w2"]:
-        h = reference.activation(s["pre1"], act)
-        if h is s["pre1"]:  # identity: never scale the saved tensor in place
-            h = h.clone()
-        h.mul_(gates.reshape(-1)[sp.long()][:, None])  # in fp32, rounded once into h
+        h = scaled_hidden(s["pre1"], act, gates, sp)
         grads["w2"] = kn.weight_grad_op(h, dz, off, sp, 0, k, None, "identity")[0]
     return du, dgates
+
+
+def scaled_hidden(pre, act: str, gates, sorted_pair):
+    """g * act(pre) [P, F] in sorted rows (each row scaled by its pair's gate), from the saved
+    pre-activation: the A operand of the routed dW2 = (g h)^T dz."""
+    h = reference.activation(pre, act)
+    if h is pre:  # identity: never scale the saved tensor in place
+        h = h.clone()
+    return h.mul_(gates.reshape(-1)[sorted_pair.long()][:, None])  # in fp32, rounded once
 
 
 def _mlp_backward(kn, dc, a, pre, prm, cfg, needs, grads, need_a):

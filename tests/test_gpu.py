@@ -55,12 +55,16 @@ def test_paper_sizes_forward_backward(preset, dtype, T, backend):
 
 
 @pytest.mark.parametrize("T", [32768, 65536])
-def test_large_token_counts_bf16(T, backend):
+def test_large_token_counts_forward_backward_bf16(T, backend):
     cfg = MoEAdapterConfig.paper()
     ref, tri = pair(cfg, torch.bfloat16, backend)
     x = torch.randn(T, cfg.d_in, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        assert rel_err(tri(x), ref(x)) < TOL[torch.bfloat16]
+    dy = torch.randn(T, cfg.d_out, device="cuda")
+    g_ref, g_tri = grads(ref, x, dy), grads(tri, x, dy)
+    assert routed_rows_agree(ref, tri).float().mean() > 0.99
+    for name in g_ref:
+        tol = TOL[torch.bfloat16] * (3 if name != "y" else 1)
+        assert rel_err(g_tri[name], g_ref[name]) < tol, name
 
 
 def test_no_host_sync_forward_and_backward(backend):
