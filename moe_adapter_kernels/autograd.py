@@ -67,7 +67,15 @@ def _norm_grad(kn, dy, x, prm, pos, mean, rstd, cfg, grads):
 
 
 def _shared_mlp(kn, a, prm, cfg, save):
-    """(S(a), pre-activation) of the shared / aggregation MLP."""
+    """(S(a), pre-activation) of the shared / aggregation MLP: in the op set's dense GEMM
+    with the activation fused, or in cuBLAS where the set says its own dense GEMM is the
+    slower (``DENSE_VIA_CUBLAS``)."""
+    if getattr(kn, "DENSE_VIA_CUBLAS", False):
+        pre = a @ prm["shared_w1"]
+        if prm["shared_b1"] is not None:
+            pre = pre + prm["shared_b1"]
+        c = reference.activation(pre, cfg.shared_activation) @ prm["shared_w2"]
+        return (c if prm["shared_b2"] is None else c + prm["shared_b2"]), pre
     h, pre = kn.linear(a, prm["shared_w1"], cfg.shared_activation, save, prm["shared_b1"])
     return kn.linear(h, prm["shared_w2"], "identity", False, prm["shared_b2"])[0], pre
 

@@ -31,9 +31,10 @@ def test_fullgraph_compile_matches_eager(backend):
     dy = torch.randn(37, 40, device=DEVICE)
     comp = run(compiled, model, x, dy)  # first: the module's first call is traced
     eager = run(model, model, x, dy)
-    # torch: the compiled graph sums the experts densely (no host sync), so only rounding
-    # differs; triton: the same kernels run, so results are identical
-    tol = 1e-5 if backend == "torch" else 0.0
+    # only rounding may differ: the torch backend's compiled graph sums the experts densely (no
+    # host sync), and the fused backends' wiring has torch ops (the shared MLP's cuBLAS GEMMs,
+    # bias sums) that Inductor compiles into kernels of its own
+    tol = 1e-5
     assert rel_err(comp[0], eager[0]) <= tol and rel_err(comp[1], eager[1]) <= tol
     for name in eager[2]:
         assert rel_err(comp[2][name], eager[2][name]) <= tol, name
