@@ -48,8 +48,8 @@ run() {
 save_caches() {
   say "+ [${SECONDS}s] saving caches to \$OUT"
   tar cJf - -C "$TRITON_CACHE_DIR" . | split -b 15m -d - "$OUT/triton.tgz."
-  ls moe_adapter_kernels/_C*.so >/dev/null 2>&1 && cp .gpucache/csrc.sha moe_adapter_kernels/ &&
-    tar czf "$OUT/ext.tgz" -C moe_adapter_kernels csrc.sha $(cd moe_adapter_kernels && ls _C*.so)
+  ls moe_adapter_kernels/_C*.so >/dev/null 2>&1 && tar czf "$OUT/ext.tgz" -C .gpucache csrc.sha \
+    -C "$PWD/moe_adapter_kernels" $(cd moe_adapter_kernels && ls _C*.so)
   tar czf "$OUT/results.tgz" -C "$R" . && rm -rf "$R"
   ls -la "$OUT" | tee -a "$LOG"
 }
@@ -60,6 +60,11 @@ ls .gpucache/triton.tgz.* >/dev/null 2>&1 && cat .gpucache/triton.tgz.* | tar xJ
 [[ -f .gpucache/ext.tgz ]] && tar xzf .gpucache/ext.tgz -C .gpucache
 run 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
 run 60 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+# gpu_tests [K]: the GPU tests selected by pytest -k K (all without K)
+gpu_tests() {
+  run 300 python -m pytest -m gpu -q -rf -n 4 --durations=15 -p no:cacheprovider \
+      ${1:+-k "$1"} tests/test_gpu.py
+}
 BUILD_PID=
 wait_build() {
   [[ -n $BUILD_PID ]] || return 0
@@ -85,18 +90,15 @@ for stage in $stages; do
          [[ -n $so && ! -e moe_adapter_kernels/$(basename "$so") ]] && cp "$so" moe_adapter_kernels/) &
         BUILD_PID=$!
       fi ;;
-    gtriton) run 300 python -m pytest -m gpu -q -rf -n 4 --durations=15 -p no:cacheprovider \
-               -k "triton and not agree" tests/test_gpu.py ;;
+    gtriton) gpu_tests "triton and not agree" ;;
     gpu)   wait_build
-           run 300 python -m pytest -m gpu -q -rf -n 4 --durations=15 -p no:cacheprovider \
-               ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/test_gpu.py ;;
+           gpu_tests "${GPU_TESTS_K:-}" ;;
     unit)  wait_build
            run 240 python -m pytest -q -rf -n 8 -m "not gpu" --durations=10 -p no:cacheprovider \
                ${UNIT_K:+-k "$UNIT_K"} tests/test_fused_ops.py tests/test_fused_module.py \
                tests/test_fused_backward.py tests/test_cuda_ext.py ;;
     gcuda) wait_build
-           run 240 python -m pytest -m gpu -q -rf -n 4 --durations=15 -p no:cacheprovider \
-               -k "cuda or agree" tests/test_gpu.py
+           gpu_tests "cuda or agree"
            run 120 python -m moe_adapter_kernels.cli check --dtype float32 float16 bfloat16 ;;
     tune)  run 330 python -m benchmarks.tune
            cp moe_adapter_kernels/ops/tuned/*.json "$R/" 2>/dev/null ;;

@@ -65,6 +65,10 @@ def tune_model(model: MoEAdapter, tokens, device: str, timer, log=print) -> int:
     return len(done)
 
 
+def triton_model(preset: str, dtype: str) -> MoEAdapter:
+    return MoEAdapter(MoEAdapterConfig.preset(preset), backend="triton").cuda().to(DTYPES[dtype])
+
+
 def precompile(args, jobs: int) -> None:
     """Compile every candidate's kernels in ``jobs`` parallel processes first (one candidate
     each, shapes from a small forward+backward), filling Triton's on-disk cache: the timing
@@ -83,8 +87,7 @@ def precompile(args, jobs: int) -> None:
 def compile_candidate(args, index: int) -> None:
     cfg = tuning.CANDIDATES[index]
     for preset in args.presets:
-        model = MoEAdapter(MoEAdapterConfig.preset(preset), backend="triton").cuda().to(
-            DTYPES[args.dtype])
+        model = triton_model(preset, args.dtype)
         x = torch.randn(512, model.config.d_in, device="cuda", dtype=model.w1.dtype)
         for _, run in record_launches(model, x):
             try:
@@ -122,8 +125,7 @@ def main(argv=None) -> int:
         precompile(args, args.jobs)
     device = tuning.device_key()
     for preset in args.presets:
-        model = MoEAdapter(MoEAdapterConfig.preset(preset), backend="triton").cuda().to(
-            DTYPES[args.dtype])
+        model = triton_model(preset, args.dtype)
         print(f"tuning {preset} on {device}:", file=sys.stderr)
         tune_model(model, args.tokens, device, timer, log=lambda s: print(s, file=sys.stderr))
     print(f"wrote {tuning.save(device)}")

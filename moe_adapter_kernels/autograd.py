@@ -71,11 +71,8 @@ def _shared_mlp(kn, a, prm, cfg, save):
     with the activation fused, or in cuBLAS where the set says its own dense GEMM is the
     slower (``DENSE_VIA_CUBLAS``)."""
     if getattr(kn, "DENSE_VIA_CUBLAS", False):
-        pre = a @ prm["shared_w1"]
-        if prm["shared_b1"] is not None:
-            pre = pre + prm["shared_b1"]
-        c = reference.activation(pre, cfg.shared_activation) @ prm["shared_w2"]
-        return (c if prm["shared_b2"] is None else c + prm["shared_b2"]), pre
+        return reference.mlp(a, prm["shared_w1"], prm["shared_w2"], cfg.shared_activation,
+                             prm["shared_b1"], prm["shared_b2"], return_preact=True)
     h, pre = kn.linear(a, prm["shared_w1"], cfg.shared_activation, save, prm["shared_b1"])
     return kn.linear(h, prm["shared_w2"], "identity", False, prm["shared_b2"])[0], pre
 

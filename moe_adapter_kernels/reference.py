@@ -45,13 +45,15 @@ def activation(z: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def mlp(u: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: str = "silu", b1=None,
-        b2=None):
-    """W2 act(W1 u + b1) + b2 (biases optional). SwiGLU: w1 holds [gate | up]."""
+        b2=None, return_preact: bool = False):
+    """W2 act(W1 u + b1) + b2 (biases optional). SwiGLU: w1 holds [gate | up].
+    ``return_preact``: (y, W1 u + b1)."""
     z = u @ w1
     if b1 is not None:
         z = z + b1
     y = activation(z, act) @ w2
-    return y if b2 is None else y + b2
+    y = y if b2 is None else y + b2
+    return (y, z) if return_preact else y
 
 
 class Routing(NamedTuple):
