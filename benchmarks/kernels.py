@@ -16,8 +16,7 @@ import sys
 import torch
 
 from benchmarks.bench import DTYPES, ceilings, timer
-from moe_adapter_kernels import MoEAdapter, MoEAdapterConfig, ops, reference
-from moe_adapter_kernels.autograd import scaled_hidden
+from moe_adapter_kernels import MoEAdapter, MoEAdapterConfig, ops, reference, torch_ops
 from moe_adapter_kernels.config import MOE_PRESETS
 
 
@@ -38,7 +37,20 @@ def steps(model: MoEAdapter, x: torch.Tensor):
     dz = torch.randn(T, D, device=x.device, dtype=x.dtype)
     dpre = ops.expert_dact(dz, p["w2"], pre, sp, off, gates, k, cfg.expert_activation)[0]
     dpre_s = ops.linear_dact(dz, p["shared_w2"], pre_s, "silu")
-    hg = scaled_hidden(pre, cfg.expert_activation, gates, sp)
+    act = cfg.expert_activation
+    hg = ops.scaled_activation(pre, act, gates, sp)
+    dup = ops.expert_dx(dpre, p["w1"], sp, off)
+    du_s = torch.randn(T, d, device=x.device, dtype=x.dtype)
+    _, mean, rstd = ops.norm(x, w_in, b_in, cfg.norm, cfg.norm_eps)
+    dgates, zeros_g, zeros_l = torch.randn_like(gates), torch.zeros_like(gates), torch.zeros_like(
+        logits)
+    daux = torch.ones((), device=x.device)
+    grad_in = (dup, du_s, dgates, zeros_g, zeros_l, gates, ids, off, daux, E / T**2, p["w_gate"],
+               x, w_in, b_in, mean, rstd, cfg.norm)
+    dl = ops.input_grad(*grad_in)[1]
+    _, mean_o, rstd_o, z = ops.combine(yp, dz, k, cfg.norm, p["norm_out.weight"],
+                                       p.get("norm_out.bias"), cfg.norm_eps, True)
+    ig_bytes = (P * d + 3 * T * d) * b + T * (4 * k * 4 + 2 * E * 4)
     return [
         ("norm_in", lambda: ops.norm(x, w_in, b_in, cfg.norm, cfg.norm_eps), 0, 2 * T * d * b),
         ("route", lambda: ops.route(u, p["w_gate"], k), 2 * T * d * E,
@@ -58,7 +70,9 @@ def steps(model: MoEAdapter, x: torch.Tensor):
         ("bwd expert_dact", lambda: ops.expert_dact(dz, p["w2"], pre, sp, off, gates, k,
                                                     cfg.expert_activation),
          2 * P * D * F, (T * D + E * F * D + 2 * P * Fu) * b),
-        ("bwd g*act(pre)", lambda: scaled_hidden(pre, cfg.expert_activation, gates, sp), 0,
+        ("bwd g*act(pre)", lambda: ops.scaled_activation(pre, act, gates, sp), 0,
+         (P * Fu + P * F) * b + P * 8),
+        ("bwd g*act(pre) torch ops", lambda: torch_ops.scaled_activation(pre, act, gates, sp), 0,
          (P * Fu + P * F) * b + P * 8),
         ("bwd dW2", lambda: ops.weight_grad_op(hg, dz, off, sp, 0, k, None, "identity"),
          2 * P * F * D, (P * F + P * D + E * F * D) * b),
@@ -75,6 +89,15 @@ def steps(model: MoEAdapter, x: torch.Tensor):
          (T * d + T * S + d * S) * b),
         ("bwd shared_dx cuBLAS", lambda: dpre_s @ p["shared_w1"].t(), 2 * T * S * d,
          (T * S + S * d + T * d) * b),
+        ("bwd norm_out", lambda: ops.norm_bwd(dz, z, p["norm_out.weight"],
+                                              p.get("norm_out.bias"), mean_o, rstd_o, cfg.norm),
+         0, 3 * T * D * b),
+        ("bwd input_grad", lambda: ops.input_grad(*grad_in), 0, ig_bytes),
+        ("bwd input_grad torch ops", lambda: torch_ops.input_grad(ops.norm_bwd, *grad_in), 0,
+         ig_bytes),
+        ("bwd gate_grad", lambda: ops.gate_grad(u, dl), 2 * T * d * E, T * d * b + T * E * 4),
+        ("bwd gate_grad torch ops", lambda: torch_ops.gate_grad(u, dl), 2 * T * d * E,
+         T * d * b + T * E * 4),
     ]
 
 

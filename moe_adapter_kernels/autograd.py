@@ -112,7 +112,9 @@ def fused_forward(cfg: MoEAdapterConfig, x, prm: dict, save: bool, kernels: str)
 
 def _routed_backward(kn, cfg, dz, u, prm, s, needs, grads, need_u):
     """Gradients through the routed experts given dz, the gradient of their gate-weighted sum.
-    Fills the experts' entries of ``grads``; returns (du [T, d] fp32 or None, dgates).
+    Fills the experts' entries of ``grads``; returns (du_pairs, dgates): du_pairs [T*k, d] the
+    input gradient of each (token, slot) pair, in pair order (None unless ``need_u``; the sum
+    over the k slots is done by ``input_grad``), dgates [T, k] fp32.
 
     dW2 is computed from g * act(pre), recomputed in one elementwise pass once dpre1 is freed
     (so the peak memory does not grow): computing the activation and scale inside the
@@ -127,27 +129,15 @@ def _routed_backward(kn, cfg, dz, u, prm, s, needs, grads, need_u):
     if needs["w1"] or needs["b1"]:
         grads["w1"], grads["b1"] = kn.weight_grad_op(u, dpre1, off, sp, k, 0, None, "identity",
                                                      cfg.bias)
-    du = None
-    if need_u:
-        du = kn.expert_dx(dpre1, prm["w1"], sp, off).view(-1, k, u.shape[1]).sum(
-            1, dtype=torch.float32)
+    du_pairs = kn.expert_dx(dpre1, prm["w1"], sp, off) if need_u else None
     del dpre1
     if cfg.bias and (needs["w2"] or needs["b2"]):
         grads["w2"], grads["b2"] = kn.weight_grad_op(s["pre1"], dz, off, sp, 0, k,
                                                      gates.reshape(-1), act, True)
     elif needs["w2"]:
-        h = scaled_hidden(s["pre1"], act, gates, sp)
+        h = kn.scaled_activation(s["pre1"], act, gates, sp)
         grads["w2"] = kn.weight_grad_op(h, dz, off, sp, 0, k, None, "identity")[0]
-    return du, dgates
-
-
-def scaled_hidden(pre, act: str, gates, sorted_pair):
-    """g * act(pre) [P, F] in sorted rows (each row scaled by its pair's gate), from the saved
-    pre-activation: the A operand of the routed dW2 = (g h)^T dz."""
-    h = reference.activation(pre, act)
-    if h is pre:  # identity: never scale the saved tensor in place
-        h = h.clone()
-    return h.mul_(gates.reshape(-1)[sorted_pair.long()][:, None])  # in fp32, rounded once
+    return du_pairs, dgates
 
 
 def _mlp_backward(kn, dc, a, pre, prm, cfg, needs, grads, need_a):
@@ -212,29 +202,22 @@ class MoEAdapterFunction(torch.autograd.Function):
             dhm = _mlp_backward(kn, dz, hm, s["pre_s"], prm, cfg, needs, grads, True)
             dz_routed = _norm_grad(kn, dhm, s["zm"], prm, "mid", s["mean_mid"], s["rstd_mid"], cfg,
                                    grads)
-        du, dgates = _routed_backward(kn, cfg, dz_routed.contiguous(), u, prm, s, needs, grads,
-                                      need_u)
-        dgates = dgates + dgates_out.float()
+        du_pairs, dgates = _routed_backward(kn, cfg, dz_routed.contiguous(), u, prm, s, needs,
+                                            grads, need_u)
         T = x.shape[0]
-        if T and cfg.aux_loss_variant == "topk":
-            # L_aux = E / T^2 * sum_e (sum of e's gates) * (pairs routed to e)
-            routed = (s["offsets"][1:] - s["offsets"][:-1]).float()
-            dgates = dgates + (daux * (cfg.num_experts / (T * T))) * routed[s["ids"].long()]
-
-        # softmax over the k kept logits, then scatter into the E logits (distinct per token)
-        gates = s["gates"]
-        dkept = gates * (dgates - (gates * dgates).sum(-1, keepdim=True))
-        dlogits = dlogits.float().scatter_add(1, s["ids"].long(), dkept)
-        wg = prm["w_gate"]
+        # L_aux = E / T^2 * sum_e (sum of e's gates) * (pairs routed to e)
+        aux_scale = cfg.num_experts / (T * T) if T and cfg.aux_loss_variant == "topk" else 0.0
+        kind = cfg.norm_at("in")
+        dx, dlogits, dnw, dnb = kn.input_grad(
+            du_pairs, du_shared, dgates, dgates_out, dlogits, s["gates"], s["ids"], s["offsets"],
+            daux, aux_scale, prm["w_gate"], x, prm["norm_in.weight"], prm["norm_in.bias"],
+            s["mean_in"], s["rstd_in"], kind)
         if needs["w_gate"]:
-            grads["w_gate"] = (u.float().t() @ dlogits).to(wg.dtype)
-        dx = None
-        if need_u:
-            du = du + dlogits @ wg.float().t()
-            if du_shared is not None:
-                du = du + du_shared.float()
-            dx = _norm_grad(kn, du, x, prm, "in", s["mean_in"], s["rstd_in"], cfg,
-                            grads).to(x.dtype)
+            grads["w_gate"] = kn.gate_grad(u, dlogits).to(prm["w_gate"].dtype)
+        if need_u and kind != "none":
+            grads["norm_in.weight"] = dnw if prm["norm_in.weight"] is not None else None
+            grads["norm_in.bias"] = dnb if prm["norm_in.bias"] is not None else None
+        dx = dx if need_u else None
         return (None, None, dx, *(grads[n] if needs[n] else None for n in PARAMS))
 
 

@@ -426,3 +426,82 @@ def test_triton_route_rejects_pair_counts_past_int32():
     u = torch.zeros(1, 8, device=DEVICE).expand(2**30, 8)
     with pytest.raises(ValueError, match=r"T \* top_k must be < 2\^31"):
         router.route_forward(u, randn(8, 4), 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm", "none"])
+@pytest.mark.parametrize("T,shared,aux", [(0, True, True), (1, True, True), (37, True, True),
+                                          (37, False, False), (20, True, False)])
+def test_input_grad(dtype, kind, T, shared, aux, kn):
+    """input_grad against autograd of its definition: the gates' softmax over the k kept
+    logits (plus the caller's logit gradient and the top-k aux loss's term) for dlogits, and
+    du = sum of the k slots' rows + shared + dlogits @ W_g^T through the input norm for dx."""
+    E, k, N = 8, 3, 45
+    ids, _, offsets = routing_case(T, E, k)
+    x = randn(T, N, dtype=dtype, scale=2.0)
+    w = randn(N, dtype=dtype) if kind != "none" else None
+    b = randn(N, dtype=dtype) if kind == "layernorm" else None
+    wg = randn(N, E, dtype=dtype, scale=0.3)
+    logits = torch.randn(T, E, device=DEVICE)
+    gates = torch.softmax(logits.gather(1, ids.long()), -1)
+    dgates, dgates_out = randn(T, k), randn(T, k)
+    dlogits_out, daux = randn(T, E), torch.tensor(0.7, device=DEVICE)
+    du_pairs = randn(T * k, N, dtype=dtype)
+    du_shared = randn(T, N, dtype=dtype) if shared else None
+    aux_scale = E / max(T, 1) ** 2 if aux else 0.0
+    mean = rstd = x.new_empty(0)
+    if kind != "none":
+        _, mean, rstd = kn.norm(x, w, b, kind, 1e-5)
+    dx, dl, dw, db = kn.input_grad(du_pairs, du_shared, dgates, dgates_out, dlogits_out, gates,
+                                   ids, offsets, daux, aux_scale, wg, x, w, b, mean, rstd, kind)
+
+    lg = logits.clone().requires_grad_(True)
+    g = torch.softmax(lg.gather(1, ids.long()), -1)
+    routed = (offsets[1:] - offsets[:-1]).float()[ids.long()]
+    ((g * (dgates + dgates_out)).sum() + daux * aux_scale * (g * routed).sum()
+     + (lg * dlogits_out).sum()).backward()
+    assert dl.dtype == torch.float32 and rel_err(dl, lg.grad) < 1e-5
+    leaves = [t.float().requires_grad_(True) for t in (x, w, b) if t is not None]
+    u = reference.norm(leaves[0], kind, *(leaves[1:] + [None] * (3 - len(leaves))), 1e-5)
+    du = du_pairs.float().view(T, k, N).sum(1) + (du_shared.float() if shared else 0)
+    ((u * du).sum() + (u @ wg.float() * lg.grad).sum()).backward()
+    assert dx.shape == x.shape and dx.dtype == x.dtype
+    if T:
+        assert rel_err(dx, leaves[0].grad) < TOL[dtype]
+    for got, p, leaf in zip((dw, db), (w, b), leaves[1:]):
+        assert got.shape == p.shape and got.dtype == p.dtype
+        assert rel_err(got, leaf.grad) < TOL[dtype] if T else not got.any()
+    # without du_pairs only the logits' gradient is computed
+    dx0, dl0, _, _ = kn.input_grad(None, None, dgates, dgates_out, dlogits_out, gates, ids,
+                                   offsets, daux, aux_scale, wg, x, w, b, mean, rstd, kind)
+    assert dx0.numel() == 0 and torch.equal(dl0, dl)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [0, 1, 37, 1100])
+def test_gate_grad(dtype, T, kn):
+    """u^T @ dlogits in fp32, across several of the kernel's token splits (512 each)."""
+    u, dl = randn(T, 72, dtype=dtype), randn(T, 6)
+    got = kn.gate_grad(u, dl)
+    assert got.shape == (72, 6) and got.dtype == torch.float32
+    want = u.double().t() @ dl.double()
+    assert rel_err(got, want) < 1e-5 if T else not got.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "swiglu", "gelu", "identity"])
+@pytest.mark.parametrize("T", [0, 1, 37])
+def test_scaled_activation(dtype, activation, T, kn):
+    """g * act(pre) in sorted rows, each row's gate found through its pair id; the saved
+    pre-activation is left as it was."""
+    E, k, F = 8, 4, 136
+    _, sorted_pair, _ = routing_case(T, E, k)
+    pre = randn(T * k, 2 * F if activation == "swiglu" else F, dtype=dtype, scale=2.0)
+    before = pre.clone()
+    gates = torch.softmax(torch.randn(T, k, device=DEVICE), -1)
+    h = kn.scaled_activation(pre, activation, gates, sorted_pair)
+    want = reference.activation(pre.float(), activation) * gates.reshape(-1)[
+        sorted_pair.long()][:, None]
+    assert h.shape == (T * k, F) and h.dtype == dtype
+    assert rel_err(h, want) < TOL[dtype] if T else h.numel() == 0
+    assert torch.equal(pre, before)

@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from .. import torch_ops
 from ..autograd import KERNELS
 from . import load
 
@@ -75,6 +76,17 @@ def weight_grad_op(a, b, expert_offsets, sorted_pair, a_gather_div: int, b_gathe
                    scale, a_activation: str, bias_grad: bool = False):
     return _C.weight_grad(a, b, expert_offsets, sorted_pair, a_gather_div, b_gather_div, scale,
                           a_activation, bias_grad)
+
+
+def input_grad(du_pairs, du_shared, dgates, dgates_out, dlogits_out, gates, ids, offsets, daux,
+               aux_scale: float, w_gate, x, weight, bias, mean, rstd, kind: str):
+    return torch_ops.input_grad(norm_bwd, du_pairs, du_shared, dgates, dgates_out, dlogits_out,
+                                gates, ids, offsets, daux, aux_scale, w_gate, x, weight, bias,
+                                mean, rstd, kind)
+
+
+gate_grad = torch_ops.gate_grad  # the backward's elementwise steps: PyTorch ops in this set
+scaled_activation = torch_ops.scaled_activation
 
 
 def _fake(name):

@@ -1,0 +1,50 @@
+"""The Triton set's elementwise backward ops (``input_grad``, ``gate_grad``,
+``scaled_activation``; see their docstrings in ``moe_adapter_kernels.ops``) written as PyTorch
+ops, with the same signatures and results up to rounding. The CUDA extension's op set uses
+these; the kernels benchmark times them against the Triton kernels that replaced them."""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+
+def input_grad(norm_bwd, du_pairs, du_shared, dgates, dgates_out, dlogits_out, gates, ids,
+               offsets, daux, aux_scale: float, w_gate, x, weight, bias, mean, rstd, kind: str):
+    """(dx, dlogits, dweight, dbias) as ``ops.input_grad``, with ``norm_bwd`` the op set's
+    norm backward (called on the fp32 du)."""
+    T, N = x.shape
+    dgates = dgates + dgates_out.float()
+    if aux_scale:
+        routed = (offsets[1:] - offsets[:-1]).float()
+        dgates = dgates + (daux * aux_scale) * routed[ids.long()]
+    dkept = gates * (dgates - (gates * dgates).sum(-1, keepdim=True))
+    dlogits = dlogits_out.float().scatter_add(1, ids.long(), dkept)
+    def empty():
+        return x.new_empty(0, dtype=torch.float32)
+
+    if du_pairs is None:
+        return x.new_empty(0, N), dlogits, empty(), empty()
+    du = du_pairs.view(T, ids.shape[1], N).sum(1, dtype=torch.float32)
+    du = du + dlogits @ w_gate.float().t()
+    if du_shared is not None:
+        du = du + du_shared.float()
+    if kind == "none":
+        return du.to(x.dtype), dlogits, empty(), empty()
+    dx, dw, db = norm_bwd(du, x, weight, bias, mean, rstd, kind)
+    return (dx.to(x.dtype), dlogits, dw if weight is not None else empty(),
+            db if bias is not None else empty())
+
+
+def gate_grad(u, dlogits):
+    """u^T @ dlogits [d, E] in fp32."""
+    return u.float().t() @ dlogits
+
+
+def scaled_activation(pre, activation: str, gates, sorted_pair):
+    """gates[sorted_pair[r]] * act(pre[r]) [P, F] in pre.dtype."""
+    h = reference.activation(pre, activation)
+    if h is pre:  # identity: never scale the saved tensor in place
+        h = h.clone()
+    return h.mul_(gates.reshape(-1)[sorted_pair.long()][:, None])
