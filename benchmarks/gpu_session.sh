@@ -12,6 +12,7 @@
 #   gpu    the GPU tests selected by GPU_TESTS_K (pytest -k; all when unset), both backends
 #   tune   tile tuning (commit the JSON it writes)
 #   bench  per-kernel and adapter benchmarks, and this host's cost per eager forward
+#   profile  every kernel of a training step by device time (torch.profiler), T = 8192, 65536
 # What lands under $OUT (at most 8 files come back from the device tool): session.log;
 # results.tgz (build.log, tuned configs, kernels.json, bench*.json/.md); and the caches that
 # travel to the next call: the Triton kernel cache (triton.tgz.NN, 15 MB parts) and the built
@@ -31,7 +32,7 @@ mkdir -p "$R"
 export PYTHONPATH=.:tests${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export TRITON_CACHE_DIR=/tmp/triton-cache XZ_OPT="-T0 -6"
-stages=${*:-build gtriton unit gcuda tune bench}
+stages=${*:-build gtriton unit gcuda tune bench profile}
 say() { echo "$*" | tee -a "$LOG"; }
 # run LIMIT cmd...: at most LIMIT seconds, and never past DEADLINE
 run() {
@@ -109,7 +110,9 @@ for stage in $stages; do
                --markdown "$R/bench.md"
            run 120 python -m moe_adapter_kernels.cli bench --graphs --tokens 512 2048 8192 \
                --json "$R/bench-graphs.json" --markdown "$R/bench-graphs.md" ;;
-    *) say "unknown stage $stage (build, gtriton, unit, gcuda, gpu, tune, bench)"; exit 2 ;;
+    profile) run 150 python -m benchmarks.step_profile --tokens 8192 65536 --top 30 \
+               --json "$R/profile.json" ;;
+    *) say "unknown stage $stage (build, gtriton, unit, gcuda, gpu, tune, bench, profile)"; exit 2 ;;
   esac
 done
 wait_build

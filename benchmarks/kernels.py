@@ -82,6 +82,9 @@ def steps(model: MoEAdapter, x: torch.Tensor):
          (P * Fu + E * d * Fu + P * d) * b),
         ("bwd shared_dact", lambda: ops.linear_dact(dz, p["shared_w2"], pre_s, "silu"),
          2 * T * D * S, (T * D + S * D + 2 * T * S) * b),
+        ("bwd shared_dact cuBLAS+silu_backward (candidate)",
+         lambda: torch.ops.aten.silu_backward(dz @ p["shared_w2"].t(), pre_s),
+         2 * T * D * S, (T * D + S * D + 2 * T * S) * b),
         # the shared MLP's other backward GEMMs run in cuBLAS (see autograd._mlp_backward)
         ("bwd shared_dW2 cuBLAS", lambda: reference.activation(pre_s, "silu").t() @ dz,
          2 * T * S * D, (2 * T * S + T * D + S * D) * b),

@@ -46,9 +46,10 @@ def record(self, *args, grid, warmup, **kwargs):
 def exercise(dtype):
     """Call every launcher with small valid inputs (CPU tensors; nothing runs)."""
     import importlib
-    combine, grouped_gemm, norm, permute, router, weight_grad = (
+    combine, grouped_gemm, input_grad, norm, permute, router, scaled_activation, weight_grad = (
         importlib.import_module(f"moe_adapter_kernels.ops.{m}") for m in
-        ("combine", "grouped_gemm", "norm", "permute", "router", "weight_grad"))
+        ("combine", "grouped_gemm", "input_grad", "norm", "permute", "router",
+         "scaled_activation", "weight_grad"))
     T, d, E, k, F, D = 70, 72, 8, 4, 24, 40
     x = torch.randn(T, d).to(dtype)
     for kind in ("layernorm", "rmsnorm"):
@@ -77,6 +78,7 @@ def exercise(dtype):
         for bias_grad in (False, True):
             weight_grad.weight_grad(pre, x, offsets=off, pair_ids=sp, b_gather_div=k,
                                     scale=gates, a_activation=act, bias_grad=bias_grad)
+        scaled_activation.scaled_activation_forward(pre, act, gates.view(T, k), sp)
     h = torch.randn(T * k, F).to(dtype)
     for b2 in (None, torch.randn(E, D).to(dtype)):
         grouped_gemm.grouped_gemm(h, torch.randn(E, F, D).to(dtype), offsets=off, pair_ids=sp,
@@ -94,6 +96,17 @@ def exercise(dtype):
         weight_grad.weight_grad(x, x, a_activation=act)
         weight_grad.weight_grad(x, x, a_activation=act, bias_grad=True)
     grouped_gemm.grouped_gemm(torch.randn(T, 56).to(dtype), ws.t(), activation="none")
+    dl = torch.randn(T, E)
+    router.gate_grad_forward(x, dl)
+    g2, dpairs = gates.view(T, k), torch.randn(T * k, d).to(dtype)
+    stats = torch.zeros(T), torch.ones(T)
+    for nk in ("layernorm", "rmsnorm", "none"):
+        w = torch.ones(d, dtype=dtype) if nk != "none" else None
+        b = torch.zeros(d, dtype=dtype) if nk == "layernorm" else None
+        for du_pairs, shared, aux in ((dpairs, x, 1.0), (dpairs, None, 0.0), (None, None, 1.0)):
+            input_grad.input_grad_forward(du_pairs, shared, g2, g2, dl, g2, ids, off,
+                                          torch.ones(()), aux, torch.randn(d, E).to(dtype), x,
+                                          w, b, *stats, nk)
     for nk in ("layernorm", "rmsnorm", "none"):
         w = torch.ones(D, dtype=dtype) if nk != "none" else None
         for shared in (None, torch.randn(T, D).to(dtype)):

@@ -111,3 +111,15 @@ def test_host_overhead_tool_counts_every_launch():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "9 Triton launches per forward" in proc.stdout
     assert all(f"  {op} " in proc.stdout for op in ("route", "permute", "expert_up", "combine"))
+
+
+def test_step_profile_on_cpu(tmp_path, capsys):
+    """The step profiler runs without a GPU (CPU ops of the torch backend) and says so."""
+    from benchmarks.step_profile import main
+    out = tmp_path / "p.json"
+    assert main(["--tokens", "8", "--steps", "1", "--top", "5", "--json", str(out)]) == 0
+    prof = json.loads(out.read_text())["profiles"][0]
+    assert prof["tokens"] == 8 and prof["total_ms"] > 0
+    assert any("mm" in r["name"] for r in prof["rows"])  # the adapter's matmuls are listed
+    captured = capsys.readouterr()
+    assert "no GPU: profiling CPU ops" in captured.err and "| CPU op |" in captured.out

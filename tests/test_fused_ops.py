@@ -505,3 +505,30 @@ def test_scaled_activation(dtype, activation, T, kn):
     assert h.shape == (T * k, F) and h.dtype == dtype
     assert rel_err(h, want) < TOL[dtype] if T else h.numel() == 0
     assert torch.equal(pre, before)
+
+
+def test_triton_backward_ops_reject_bad_arguments():
+    ops = pytest.importorskip("moe_adapter_kernels.ops")
+    T, E, k, N = 6, 4, 2, 16
+    ids, sp, off = routing_case(T, E, k)
+    x, wg, gates = randn(T, N), randn(N, E), torch.full((T, k), 0.5, device=DEVICE)
+    args = dict(du_pairs=randn(T * k, N), du_shared=None, dgates=gates, dgates_out=gates,
+                dlogits_out=randn(T, E), gates=gates, ids=ids, offsets=off,
+                daux=torch.zeros((), device=DEVICE), aux_scale=0.0, w_gate=wg, x=x, weight=None,
+                bias=None, mean=x.new_empty(0), rstd=x.new_empty(0), kind="none")
+    with pytest.raises(ValueError, match="du_pairs must be"):
+        ops.input_grad(**dict(args, du_pairs=randn(T * k + 1, N)))
+    with pytest.raises(ValueError, match="du_shared must be"):
+        ops.input_grad(**dict(args, du_shared=randn(T, N + 1)))
+    with pytest.raises(ValueError, match="shapes disagree"):
+        ops.input_grad(**dict(args, w_gate=randn(N + 1, E)))
+    with pytest.raises(TypeError, match="ids has dtype"):
+        ops.input_grad(**dict(args, ids=ids.long()))
+    with pytest.raises(ValueError, match="unknown norm"):
+        ops.input_grad(**dict(args, kind="batchnorm"))
+    with pytest.raises(ValueError, match="dlogits must have"):
+        ops.gate_grad(x, randn(T + 1, E))
+    with pytest.raises(ValueError, match="sorted_pair must be"):
+        ops.scaled_activation(randn(T * k, 8), "silu", gates, sp[:-1])
+    with pytest.raises(ValueError, match="activation"):
+        ops.scaled_activation(randn(T * k, 8), "relu", gates, sp)

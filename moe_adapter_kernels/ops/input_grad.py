@@ -7,7 +7,9 @@ then du = sum_j dU_pairs[t*k + j] (the k routed slots, in fp32, fixed order) + d
 + dlogits[t] @ W_g^T, and the input norm's backward turns du into dx. Done as separate torch
 ops this was ~20 launches and four fp32 [T, d] temporaries; here every input is read once and
 only dx is written (plus per-program partial sums of the norm's weight and bias gradients,
-reduced in a fixed order: deterministic).
+reduced in a fixed order: deterministic). On a GPU each program walks its tokens one at a time
+(one row of d in registers); under the interpreter it takes them all at once (fewer, larger
+numpy steps: the same arithmetic).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, check, check_tensor, custom_op, pow2
+from ._common import cdiv, check, check_tensor, custom_op, interpreting, pow2
 from .norm import NORM_CODES
 
 ROWS = 16  # tokens per program
@@ -28,14 +30,14 @@ def _input_grad_kernel(
         DX, DL, DWp, DBp, T, N, aux_scale, stride_dup, stride_dus, stride_x, stride_dx,
         K: tl.constexpr, E: tl.constexpr, ROWS: tl.constexpr, NORM: tl.constexpr,
         HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHARED: tl.constexpr,
-        NEED_DX: tl.constexpr, AUX: tl.constexpr,
+        NEED_DX: tl.constexpr, AUX: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr):
+    """ROWS tokens, BLOCK_R at a time, and this program's partial sums of the norm's dw, db."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
     ks = tl.arange(0, BLOCK_K)
     es = tl.arange(0, BLOCK_E)
-    e_ok = es < E
     if NEED_DX and HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -43,57 +45,63 @@ def _input_grad_kernel(
     daux = 0.0
     if AUX:
         daux = tl.load(DAux).to(tl.float32) * aux_scale
-    for r in range(ROWS):
-        row = pid * ROWS + r
-        row64 = row.to(tl.int64)
-        km = (ks < K) & ((row + ks * 0) < T)
+    for r0 in range(0, ROWS, BLOCK_R):
+        rows = pid * ROWS + r0 + tl.arange(0, BLOCK_R)
+        r_ok = rows < T
+        rows64 = rows.to(tl.int64)
         # router: d gate -> d kept logits (softmax over the k) -> scattered into the E logits
-        g = tl.load(Gates + row64 * K + ks, mask=km, other=0.0)
-        dg = tl.load(DG + row64 * K + ks, mask=km, other=0.0)
-        dg += tl.load(DGo + row64 * K + ks, mask=km, other=0.0).to(tl.float32)
-        ids = tl.load(Ids + row64 * K + ks, mask=km, other=0)
+        km = r_ok[:, None] & (ks[None, :] < K)
+        rk = rows64[:, None] * K + ks[None, :]
+        g = tl.load(Gates + rk, mask=km, other=0.0)
+        dg = tl.load(DG + rk, mask=km, other=0.0) + tl.load(DGo + rk, mask=km,
+                                                              other=0.0).to(tl.float32)
+        ids = tl.load(Ids + rk, mask=km, other=0)
         if AUX:  # d L_aux / d gate = E / T^2 * (pairs routed to the gate's expert)
             routed = (tl.load(Offsets + ids + 1, mask=km, other=0)
                       - tl.load(Offsets + ids, mask=km, other=0))
             dg += daux * routed.to(tl.float32)
-        dkept = g * (dg - tl.sum(g * dg, 0))
-        hit = (ids[:, None] == es[None, :]) & km[:, None]
-        emask = e_ok & ((row + es * 0) < T)
-        dl = tl.load(DLo + row64 * E + es, mask=emask, other=0.0).to(tl.float32)
-        dl += tl.sum(tl.where(hit, dkept[:, None], 0.0), 0)
-        tl.store(DL + row64 * E + es, dl, mask=emask)
+        dkept = g * (dg - tl.sum(g * dg, 1)[:, None])
+        hit = (ids[:, :, None] == es[None, None, :]) & km[:, :, None]
+        em = r_ok[:, None] & (es[None, :] < E)
+        re = rows64[:, None] * E + es[None, :]
+        dl = tl.load(DLo + re, mask=em, other=0.0).to(tl.float32)
+        dl += tl.sum(tl.where(hit, dkept[:, :, None], 0.0), 1)
+        tl.store(DL + re, dl, mask=em)
         if NEED_DX:
-            rmask = cmask & ((row + cols * 0) < T)
-            du = tl.zeros([BLOCK_N], dtype=tl.float32)
+            mask = r_ok[:, None] & cmask[None, :]
+            du = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
             for j in tl.static_range(K):
-                du += tl.load(DUp + (row64 * K + j) * stride_dup + cols, mask=rmask,
-                              other=0.0).to(tl.float32)
+                du += tl.load(DUp + ((rows64 * K + j) * stride_dup)[:, None] + cols[None, :],
+                              mask=mask, other=0.0).to(tl.float32)
             if HAS_SHARED:
-                du += tl.load(DUs + row64 * stride_dus + cols, mask=rmask,
+                du += tl.load(DUs + (rows64 * stride_dus)[:, None] + cols[None, :], mask=mask,
                               other=0.0).to(tl.float32)
             for e in tl.static_range(E):  # dlogits[t] @ W_g^T, E is small
-                dle = tl.sum(tl.where(es == e, dl, 0.0), 0)
-                du += dle * tl.load(WgT + e * N + cols, mask=cmask, other=0.0).to(tl.float32)
+                dle = tl.sum(tl.where(es[None, :] == e, dl, 0.0), 1)
+                wge = tl.load(WgT + e * N + cols, mask=cmask, other=0.0).to(tl.float32)
+                du += dle[:, None] * wge[None, :]
             if NORM >= 0:
-                x = tl.load(X + row64 * stride_x + cols, mask=rmask, other=0.0).to(tl.float32)
-                row_c = tl.minimum(row, T - 1)  # a row past the end: any valid stats, du is 0
-                mean = tl.load(Mean + row_c)
-                rstd = tl.load(Rstd + row_c)
-                xhat = tl.where(cmask, (x - mean) * rstd, 0.0)
+                x = tl.load(X + (rows64 * stride_x)[:, None] + cols[None, :], mask=mask,
+                            other=0.0).to(tl.float32)
+                mean = tl.load(Mean + rows, mask=r_ok, other=0.0)
+                rstd = tl.load(Rstd + rows, mask=r_ok, other=0.0)
+                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
                 if HAS_W:
-                    wdu = du * w
+                    wdu = du * w[None, :]
                 else:
                     wdu = du
-                c1 = tl.sum(xhat * wdu, 0) / N
+                c1 = tl.sum(xhat * wdu, 1) / N
                 if NORM == 1:
-                    dx = (wdu - xhat * c1) * rstd
+                    dx = (wdu - xhat * c1[:, None]) * rstd[:, None]
                 else:
-                    dx = (wdu - xhat * c1 - tl.sum(wdu, 0) / N) * rstd
-                dw += du * xhat
-                db += du
+                    dx = (wdu - xhat * c1[:, None] - (tl.sum(wdu, 1) / N)[:, None]) * \
+                        rstd[:, None]
+                dw += tl.sum(du * xhat, 0)
+                db += tl.sum(du, 0)
             else:
                 dx = du
-            tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=rmask)
+            tl.store(DX + (rows64 * stride_dx)[:, None] + cols[None, :],
+                     dx.to(DX.dtype.element_ty), mask=mask)
     if NEED_DX and HAS_W:
         tl.store(DWp + pid * N + cols, dw, mask=cmask)
     if NEED_DX and HAS_B:
@@ -153,8 +161,8 @@ def input_grad_forward(du_pairs, du_shared, dgates, dgates_out, dlogits_out, gat
             du_shared.stride(0) if du_shared is not None else 0, x.stride(0),
             dx.stride(0), K=k, E=E, ROWS=ROWS, NORM=NORM_CODES.get(kind, -1),
             HAS_W=has_w, HAS_B=has_b, HAS_SHARED=du_shared is not None, NEED_DX=need_dx,
-            AUX=aux_scale != 0, BLOCK_N=pow2(N), BLOCK_K=pow2(k, 2), BLOCK_E=pow2(E, 2),
-            num_warps=4 if N <= 4096 else 8)
+            AUX=aux_scale != 0, BLOCK_R=ROWS if interpreting() else 1, BLOCK_N=pow2(N),
+            BLOCK_K=pow2(k, 2), BLOCK_E=pow2(E, 2), num_warps=4 if N <= 4096 else 8)
     return (dx, dlogits, dwp.sum(0).to(weight.dtype) if has_w else dwp.new_empty(0),
             dbp.sum(0).to(bias.dtype) if has_b else dbp.new_empty(0))
 
