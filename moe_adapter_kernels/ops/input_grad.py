@@ -103,9 +103,9 @@ def _input_grad_kernel(
             tl.store(DX + (rows64 * stride_dx)[:, None] + cols[None, :],
                      dx.to(DX.dtype.element_ty), mask=mask)
     if NEED_DX and HAS_W:
-        tl.store(DWp + pid * N + cols, dw, mask=cmask)
+        tl.store(DWp + pid.to(tl.int64) * N + cols, dw, mask=cmask)
     if NEED_DX and HAS_B:
-        tl.store(DBp + pid * N + cols, db, mask=cmask)
+        tl.store(DBp + pid.to(tl.int64) * N + cols, db, mask=cmask)
 
 
 def input_grad_forward(du_pairs, du_shared, dgates, dgates_out, dlogits_out, gates, ids, offsets,

@@ -96,9 +96,9 @@ def _norm_bwd_kernel(DY, X, W, Mean, Rstd, DX, DWp, DBp, T, N, stride_dy, stride
         dw += dy * xhat
         db += dy
     if HAS_W:
-        tl.store(DWp + pid * N + cols, dw, mask=mask)
+        tl.store(DWp + pid.to(tl.int64) * N + cols, dw, mask=mask)
     if HAS_B:
-        tl.store(DBp + pid * N + cols, db, mask=mask)
+        tl.store(DBp + pid.to(tl.int64) * N + cols, db, mask=mask)
 
 
 NORM_BWD_ROWS = 16
