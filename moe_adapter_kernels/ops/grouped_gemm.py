@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
-from ._common import cdiv, check, check_tensor, custom_op, dot_in_fp32, interpreting
+from ._common import cdiv, check, check_tensor, custom_op, dot_in_fp32, interpreting, pow2
 
 ACTIVATIONS = {"none": 0, "identity": 0, "silu": 1, "swiglu": 2, "gelu": 3}
 SQRT1_2 = tl.constexpr(0.7071067811865476)
@@ -45,33 +45,34 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile_of_group(pid_m, Offsets, M, NUM_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Map an M-tile index to (group, first row, end row); group -1 past the last tile."""
-    group = -1
-    row_start = 0
-    row_end = 0
-    tiles_before = 0
-    for g in range(NUM_GROUPS):
-        lo = tl.load(Offsets + g)
-        hi = tl.load(Offsets + g + 1)
-        n_tiles = tl.cdiv(hi - lo, BLOCK_M)
-        hit = (pid_m >= tiles_before) & (pid_m < tiles_before + n_tiles)
-        group = tl.where(hit, g, group)
-        row_start = tl.where(hit, lo + (pid_m - tiles_before) * BLOCK_M, row_start)
-        row_end = tl.where(hit, hi, row_end)
-        tiles_before += n_tiles
+def _tile_of_group(pid_m, Offsets, NUM_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
+                   BLOCK_M: tl.constexpr):
+    """Map an M-tile index to (group, first row, end row); group -1 past the last tile. The
+    groups' tile counts are prefix-summed as one vector (BLOCK_G >= NUM_GROUPS lanes)."""
+    gs = tl.arange(0, BLOCK_G)
+    g_ok = gs < NUM_GROUPS
+    lo = tl.load(Offsets + gs, mask=g_ok, other=0)
+    hi = tl.load(Offsets + gs + 1, mask=g_ok, other=0)
+    n_tiles = tl.cdiv(hi - lo, BLOCK_M)
+    tiles_end = tl.cumsum(n_tiles, 0)
+    tiles_before = tiles_end - n_tiles
+    hit = g_ok & (pid_m >= tiles_before) & (pid_m < tiles_end)
+    group = tl.max(tl.where(hit, gs, -1), 0)
+    row_start = tl.sum(tl.where(hit, lo + (pid_m - tiles_before) * BLOCK_M, 0), 0)
+    row_end = tl.sum(tl.where(hit, hi, 0), 0)
     return group, row_start, row_end
 
 
 @triton.jit
-def _tile_rows(pid_m, Offsets, M, NUM_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr):
+def _tile_rows(pid_m, Offsets, M, NUM_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
+               BLOCK_M: tl.constexpr):
     """(group, rows, row mask) of an M tile; dense (NUM_GROUPS == 0) is one group of M rows."""
     if NUM_GROUPS == 0:
         group = 0
         row_start = pid_m * BLOCK_M
         row_end = M
     else:
-        group, row_start, row_end = _tile_of_group(pid_m, Offsets, M, NUM_GROUPS, BLOCK_M)
+        group, row_start, row_end = _tile_of_group(pid_m, Offsets, NUM_GROUPS, BLOCK_G, BLOCK_M)
     rm = row_start + tl.arange(0, BLOCK_M)
     return group, rm, rm < row_end
 
@@ -155,13 +156,12 @@ def _grouped_gemm_kernel(
         stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_cm, stride_cn, stride_pm,
         stride_biasg, NUM_GROUPS: tl.constexpr, GATHER_DIV: tl.constexpr, SCATTER: tl.constexpr,
         HAS_SCALE: tl.constexpr, ACT: tl.constexpr, STORE_PREACT: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr):
+        HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_G: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Forward: C = act(A[rows] @ B[g] + bias[g]) * scale; optionally also the
     pre-activation."""
     pid_m, pid_n = _tile_ids(N, BLOCK_N)
-    group, rm, m_ok = _tile_rows(pid_m, Offsets, M, NUM_GROUPS, BLOCK_M)
+    group, rm, m_ok = _tile_rows(pid_m, Offsets, M, NUM_GROUPS, BLOCK_G, BLOCK_M)
     if group < 0:
         return
     pair, a_row, rn, n_ok = _tile_operands(PairIds, rm, m_ok, pid_n, N,
@@ -200,13 +200,13 @@ def _grouped_dact_kernel(
         A, B, Preact, DPreact, PairIds, Gate, DGate, Offsets, M, N, K,
         stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_pm, stride_dg,
         NUM_GROUPS: tl.constexpr, GATHER_DIV: tl.constexpr, ACT: tl.constexpr,
-        HAS_GATE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        HAS_GATE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_G: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Backward through ``C = g * act(z) @ W``: with dh = dC[rows] @ W[g]^T (this GEMM),
     dz = g * dh * act'(z) and, when gated, dg partials = sum over this N tile of dh * act(z).
     z (the saved pre-activation) and dz are in sorted rows; dg partials in pair order."""
     pid_m, pid_n = _tile_ids(N, BLOCK_N)
-    group, rm, m_ok = _tile_rows(pid_m, Offsets, M, NUM_GROUPS, BLOCK_M)
+    group, rm, m_ok = _tile_rows(pid_m, Offsets, M, NUM_GROUPS, BLOCK_G, BLOCK_M)
     if group < 0:
         return
     pair, a_row, rn, n_ok = _tile_operands(PairIds, rm, m_ok, pid_n, N,
@@ -323,7 +323,8 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, *, offsets: torch.Tensor | No
             0 if bias is None or not groups else bias.stride(0),
             NUM_GROUPS=groups, GATHER_DIV=gather_div, SCATTER=scatter,
             HAS_SCALE=scale is not None, ACT=ACTIVATIONS[activation], STORE_PREACT=save_preact,
-            HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(a.dtype), **cfg)
+            HAS_BIAS=bias is not None, DOT_FP32=dot_in_fp32(a.dtype), BLOCK_G=pow2(groups),
+            **cfg)
     return (out, preact) if save_preact else out
 
 
@@ -358,7 +359,8 @@ def grouped_dact(dc: torch.Tensor, w: torch.Tensor, preact: torch.Tensor, activa
             dc.stride(0), dc.stride(1), bs[0], bs[1], bs[2], preact.stride(0),
             0 if dgate_part is None else dgate_part.stride(0),
             NUM_GROUPS=groups, GATHER_DIV=gather_div, ACT=ACTIVATIONS[activation],
-            HAS_GATE=gate is not None, DOT_FP32=dot_in_fp32(dc.dtype), **cfg)
+            HAS_GATE=gate is not None, DOT_FP32=dot_in_fp32(dc.dtype), BLOCK_G=pow2(groups),
+            **cfg)
     if gate is None:
         return dpre
     dgate = dgate_part.sum(1) if M else torch.zeros(gate.numel(), device=dc.device)
