@@ -93,6 +93,15 @@ def graphed(fn, grads):
     return graph.replay
 
 
+def training_step(model, x) -> None:
+    """The forward+backward every benchmark times: loss = mean(y^2), plus the MoE adapter's
+    aux loss."""
+    loss = model(x).float().square().mean()
+    if getattr(model, "aux_loss", None) is not None:
+        loss = loss + model.aux_loss
+    loss.backward()
+
+
 def measure(name, model, x, mode, bench, device, flops_per_token, graphs=False):
     """Median time of one forward (no grad) or forward+backward of ``model`` on x, eager or
     replayed from a CUDA graph, and the peak memory above what was allocated before (eager)."""
@@ -104,11 +113,7 @@ def measure(name, model, x, mode, bench, device, flops_per_token, graphs=False):
             model(xin)
 
     def fwdbwd():
-        y = model(xin)
-        loss = y.float().square().mean()
-        if getattr(model, "aux_loss", None) is not None:
-            loss = loss + model.aux_loss
-        loss.backward()
+        training_step(model, xin)
 
     fn = fwd if mode == "fwd" else fwdbwd
     grads = params + [xin] if mode == "fwd+bwd" else []

@@ -28,7 +28,7 @@ def steps(model: MoEAdapter, x: torch.Tensor):
     b = x.element_size()
     P = T * k
     w_in, b_in = p["norm_in.weight"], p.get("norm_in.bias")
-    u = ops.norm(x, w_in, b_in, cfg.norm, cfg.norm_eps)[0]
+    u, mean, rstd = ops.norm(x, w_in, b_in, cfg.norm, cfg.norm_eps)
     logits, ids, gates, counts, gate_sums = ops.route(u, p["w_gate"], k)
     sp, _, off, _ = ops.permute(ids, counts, gate_sums, E)
     h, pre = ops.expert_up(u, p["w1"], sp, off, k, cfg.expert_activation, True)
@@ -41,7 +41,6 @@ def steps(model: MoEAdapter, x: torch.Tensor):
     hg = ops.scaled_activation(pre, act, gates, sp)
     dup = ops.expert_dx(dpre, p["w1"], sp, off)
     du_s = torch.randn(T, d, device=x.device, dtype=x.dtype)
-    _, mean, rstd = ops.norm(x, w_in, b_in, cfg.norm, cfg.norm_eps)
     dgates, zeros_g, zeros_l = torch.randn_like(gates), torch.zeros_like(gates), torch.zeros_like(
         logits)
     daux = torch.ones((), device=x.device)

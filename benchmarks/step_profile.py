@@ -18,19 +18,9 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench import DTYPES
+from benchmarks.bench import DTYPES, training_step
 from moe_adapter_kernels import MoEAdapter, MoEAdapterConfig
 from moe_adapter_kernels.config import MOE_PRESETS
-
-
-def step_fn(model, x):
-    """One forward+backward of ``model`` on x (loss: mean square of y plus the aux loss)."""
-    xin = x.detach().requires_grad_(True)
-
-    def step():
-        y = model(xin)
-        (y.float().square().mean() + model.aux_loss).backward()
-    return step
 
 
 def profile_steps(step, steps: int, on_gpu: bool) -> tuple[list[dict], float]:
@@ -83,7 +73,8 @@ def main(argv=None) -> int:
     out = []
     for T in args.tokens:
         x = torch.randn(T, model.config.d_in, device=device, dtype=dtype)
-        rows, total = profile_steps(step_fn(model, x), args.steps, on_gpu)
+        xin = x.requires_grad_(True)
+        rows, total = profile_steps(lambda: training_step(model, xin), args.steps, on_gpu)
         out.append({"tokens": T, "total_ms": total, "rows": rows})
         what = "kernel" if on_gpu else "CPU op"
         print(f"\nT = {T}: {total:.3f} ms of {'device' if on_gpu else 'CPU'} time per "

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from benchmarks.bench import DTYPES
+from benchmarks.bench import DTYPES, training_step
 from moe_adapter_kernels import MoEAdapter, MoEAdapterConfig
 from moe_adapter_kernels.config import MOE_PRESETS
 from moe_adapter_kernels.ops import tuning
@@ -43,8 +43,7 @@ def record_launches(model: MoEAdapter, x: torch.Tensor) -> list:
     for (mod, name, key), fn in zip(patched, originals):
         setattr(mod, name, recorder(fn, key))
     try:
-        xi = x.clone().requires_grad_(True)
-        (model(xi).float().square().mean() + model.aux_loss).backward()
+        training_step(model, x.clone().requires_grad_(True))
     finally:
         for (mod, name, _), fn in zip(patched, originals):
             setattr(mod, name, fn)

@@ -214,9 +214,7 @@ class MoEAdapterFunction(torch.autograd.Function):
             s["mean_in"], s["rstd_in"], kind)
         if needs["w_gate"]:
             grads["w_gate"] = kn.gate_grad(u, dlogits).to(prm["w_gate"].dtype)
-        if need_u and kind != "none":
-            grads["norm_in.weight"] = dnw if prm["norm_in.weight"] is not None else None
-            grads["norm_in.bias"] = dnb if prm["norm_in.bias"] is not None else None
+        grads["norm_in.weight"], grads["norm_in.bias"] = dnw, dnb  # returned only if needed
         dx = dx if need_u else None
         return (None, None, dx, *(grads[n] if needs[n] else None for n in PARAMS))
 

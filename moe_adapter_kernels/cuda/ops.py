@@ -4,6 +4,7 @@ wiring (``moe_adapter_kernels.autograd``) runs on either; plus the fake implemen
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -78,14 +79,9 @@ def weight_grad_op(a, b, expert_offsets, sorted_pair, a_gather_div: int, b_gathe
                           a_activation, bias_grad)
 
 
-def input_grad(du_pairs, du_shared, dgates, dgates_out, dlogits_out, gates, ids, offsets, daux,
-               aux_scale: float, w_gate, x, weight, bias, mean, rstd, kind: str):
-    return torch_ops.input_grad(norm_bwd, du_pairs, du_shared, dgates, dgates_out, dlogits_out,
-                                gates, ids, offsets, daux, aux_scale, w_gate, x, weight, bias,
-                                mean, rstd, kind)
-
-
-gate_grad = torch_ops.gate_grad  # the backward's elementwise steps: PyTorch ops in this set
+# the backward's elementwise steps: PyTorch ops in this set
+input_grad = functools.partial(torch_ops.input_grad, norm_bwd)
+gate_grad = torch_ops.gate_grad
 scaled_activation = torch_ops.scaled_activation
 
 

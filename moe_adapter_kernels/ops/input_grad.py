@@ -7,9 +7,8 @@ then du = sum_j dU_pairs[t*k + j] (the k routed slots, in fp32, fixed order) + d
 + dlogits[t] @ W_g^T, and the input norm's backward turns du into dx. Done as separate torch
 ops this was ~20 launches and four fp32 [T, d] temporaries; here every input is read once and
 only dx is written (plus per-program partial sums of the norm's weight and bias gradients,
-reduced in a fixed order: deterministic). On a GPU each program walks its tokens one at a time
-(one row of d in registers); under the interpreter it takes them all at once (fewer, larger
-numpy steps: the same arithmetic).
+reduced in a fixed order: deterministic). Programs walk their tokens as the norm backward's do
+(``norm.rows_per_step``) and share its arithmetic (``norm._norm_bwd_rows``).
 """
 
 from __future__ import annotations
@@ -18,10 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, check, check_tensor, custom_op, interpreting, pow2
-from .norm import NORM_CODES
-
-ROWS = 16  # tokens per program
+from ._common import cdiv, check, check_tensor, custom_op, pow2
+from .norm import NORM_BWD_ROWS, NORM_CODES, _norm_bwd_rows, rows_per_step
 
 
 @triton.jit
@@ -40,6 +37,8 @@ def _input_grad_kernel(
     es = tl.arange(0, BLOCK_E)
     if NEED_DX and HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        w = None
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
     daux = 0.0
@@ -85,17 +84,7 @@ def _input_grad_kernel(
                             other=0.0).to(tl.float32)
                 mean = tl.load(Mean + rows, mask=r_ok, other=0.0)
                 rstd = tl.load(Rstd + rows, mask=r_ok, other=0.0)
-                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-                if HAS_W:
-                    wdu = du * w[None, :]
-                else:
-                    wdu = du
-                c1 = tl.sum(xhat * wdu, 1) / N
-                if NORM == 1:
-                    dx = (wdu - xhat * c1[:, None]) * rstd[:, None]
-                else:
-                    dx = (wdu - xhat * c1[:, None] - (tl.sum(wdu, 1) / N)[:, None]) * \
-                        rstd[:, None]
+                dx, xhat = _norm_bwd_rows(du, x, mean, rstd, w, mask, N, NORM == 1, HAS_W)
                 dw += tl.sum(du * xhat, 0)
                 db += tl.sum(du, 0)
             else:
@@ -147,7 +136,7 @@ def input_grad_forward(du_pairs, du_shared, dgates, dgates_out, dlogits_out, gat
     dev = x.device
     dx = torch.empty(T if need_dx else 0, N, device=dev, dtype=x.dtype)
     dlogits = torch.empty(T, E, device=dev, dtype=torch.float32)
-    nprog = cdiv(T, ROWS)
+    nprog = cdiv(T, NORM_BWD_ROWS)
     norm_on = need_dx and kind != "none"
     has_w, has_b = norm_on and weight is not None, norm_on and bias is not None
     dwp = torch.empty(nprog if has_w else 0, N, device=dev, dtype=torch.float32)
@@ -159,9 +148,9 @@ def input_grad_forward(du_pairs, du_shared, dgates, dgates_out, dlogits_out, gat
             w_gate.t().contiguous(), x, weight, mean, rstd, dx, dlogits, dwp, dbp, T, N,
             float(aux_scale), du_pairs.stride(0) if need_dx else 0,
             du_shared.stride(0) if du_shared is not None else 0, x.stride(0),
-            dx.stride(0), K=k, E=E, ROWS=ROWS, NORM=NORM_CODES.get(kind, -1),
+            dx.stride(0), K=k, E=E, ROWS=NORM_BWD_ROWS, NORM=NORM_CODES.get(kind, -1),
             HAS_W=has_w, HAS_B=has_b, HAS_SHARED=du_shared is not None, NEED_DX=need_dx,
-            AUX=aux_scale != 0, BLOCK_R=ROWS if interpreting() else 1, BLOCK_N=pow2(N),
+            AUX=aux_scale != 0, BLOCK_R=rows_per_step(), BLOCK_N=pow2(N),
             BLOCK_K=pow2(k, 2), BLOCK_E=pow2(E, 2), num_warps=4 if N <= 4096 else 8)
     return (dx, dlogits, dwp.sum(0).to(weight.dtype) if has_w else dwp.new_empty(0),
             dbp.sum(0).to(bias.dtype) if has_b else dbp.new_empty(0))

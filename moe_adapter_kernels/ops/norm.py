@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, check, check_tensor, custom_op, pow2
+from ._common import cdiv, check, check_tensor, custom_op, interpreting, pow2
 
 NORM_CODES = {"layernorm": 0, "rmsnorm": 1}
 
@@ -62,46 +62,67 @@ def norm_forward(x: torch.Tensor, kind: str, weight, bias, eps: float):
 
 
 @triton.jit
+def _norm_bwd_rows(dy, x, mean, rstd, w, mask, N, IS_RMS: tl.constexpr, HAS_W: tl.constexpr):
+    """(dx, xhat) of rows [R, BLOCK_N] of y = N(x) given fp32 dy, x (masked to N columns) and
+    the rows' mean and rstd [R]; xhat (0 where masked) is what the weight gradient sums."""
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    if HAS_W:
+        wdy = dy * w[None, :]
+    else:
+        wdy = dy
+    c1 = tl.sum(xhat * wdy, 1) / N
+    if IS_RMS:
+        dx = (wdy - xhat * c1[:, None]) * rstd[:, None]
+    else:
+        dx = (wdy - xhat * c1[:, None] - (tl.sum(wdy, 1) / N)[:, None]) * rstd[:, None]
+    return dx, xhat
+
+
+@triton.jit
 def _norm_bwd_kernel(DY, X, W, Mean, Rstd, DX, DWp, DBp, T, N, stride_dy, stride_x, stride_dx,
                      ROWS: tl.constexpr, IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
-                     HAS_B: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dx for ROWS rows, plus this program's partial sums of dw (dy * xhat) and db (dy)."""
+                     HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dx for ROWS rows, BLOCK_R at a time, plus this program's partial sums of dw (dy * xhat)
+    and db (dy)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
+    cmask = cols < N
     if HAS_W:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        w = None
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for r in range(ROWS):
-        row = pid * ROWS + r
-        row64 = row.to(tl.int64)
-        rmask = mask & ((row + cols * 0) < T)
-        x = tl.load(X + row64 * stride_x + cols, mask=rmask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row64 * stride_dy + cols, mask=rmask, other=0.0).to(tl.float32)
-        row_c = tl.minimum(row, T - 1)  # stats of a row past the end: any valid row, dy is 0
-        mean = tl.load(Mean + row_c)
-        rstd = tl.load(Rstd + row_c)
-        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-        if HAS_W:
-            wdy = dy * w
-        else:
-            wdy = dy
-        c1 = tl.sum(xhat * wdy, 0) / N
-        if IS_RMS:
-            dx = (wdy - xhat * c1) * rstd
-        else:
-            dx = (wdy - xhat * c1 - tl.sum(wdy, 0) / N) * rstd
-        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=rmask)
-        dw += dy * xhat
-        db += dy
+    for r0 in range(0, ROWS, BLOCK_R):
+        rows = pid * ROWS + r0 + tl.arange(0, BLOCK_R)
+        r_ok = rows < T
+        rows64 = rows.to(tl.int64)
+        mask = r_ok[:, None] & cmask[None, :]
+        x = tl.load(X + (rows64 * stride_x)[:, None] + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        dy = tl.load(DY + (rows64 * stride_dy)[:, None] + cols[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rows, mask=r_ok, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=r_ok, other=0.0)
+        dx, xhat = _norm_bwd_rows(dy, x, mean, rstd, w, mask, N, IS_RMS, HAS_W)
+        tl.store(DX + (rows64 * stride_dx)[:, None] + cols[None, :], dx.to(DX.dtype.element_ty),
+                 mask=mask)
+        dw += tl.sum(dy * xhat, 0)
+        db += tl.sum(dy, 0)
     if HAS_W:
-        tl.store(DWp + pid.to(tl.int64) * N + cols, dw, mask=mask)
+        tl.store(DWp + pid.to(tl.int64) * N + cols, dw, mask=cmask)
     if HAS_B:
-        tl.store(DBp + pid.to(tl.int64) * N + cols, db, mask=mask)
+        tl.store(DBp + pid.to(tl.int64) * N + cols, db, mask=cmask)
 
 
-NORM_BWD_ROWS = 16
+NORM_BWD_ROWS = 16  # rows per program of the norm backward kernels (here and input_grad)
+
+
+def rows_per_step() -> int:
+    """Rows a norm-backward program handles at once: one on a GPU (a row of N fp32 values in
+    registers), all NORM_BWD_ROWS under the interpreter (fewer, larger numpy steps: the same
+    arithmetic, much less CPU time in CI)."""
+    return NORM_BWD_ROWS if interpreting() else 1
 
 
 def norm_backward(dy: torch.Tensor, x: torch.Tensor, kind: str, weight, bias, mean, rstd,
@@ -123,8 +144,8 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, kind: str, weight, bias, me
         _norm_bwd_kernel[(nprog,)](dy, x, weight, mean, rstd, dx, dwp, dbp, T, N,
                                    dy.stride(0), x.stride(0), dx.stride(0), ROWS=NORM_BWD_ROWS,
                                    IS_RMS=kind == "rmsnorm", HAS_W=weight is not None,
-                                   HAS_B=bias is not None, BLOCK_N=pow2(N),
-                                   num_warps=4 if N <= 4096 else 8)
+                                   HAS_B=bias is not None, BLOCK_R=rows_per_step(),
+                                   BLOCK_N=pow2(N), num_warps=4 if N <= 4096 else 8)
     dweight = None if weight is None else dwp.sum(0).to(weight.dtype)
     dbias = None if bias is None else dbp.sum(0).to(bias.dtype)
     return dx, dweight, dbias
