@@ -14,7 +14,6 @@
 #else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 #endif
 
 namespace moe {
@@ -73,6 +72,53 @@ __device__ __forceinline__ void cp_async_wait() {
 using ::emu::cp_async16;
 using ::emu::cp_async_commit;
 using ::emu::cp_async_wait;
+#endif
+
+// Warp-level tensor-core operands (sm_80 ldmatrix + mma.sync, 16-bit inputs, fp32 sums).
+// A Frag is one 16x16 operand tile as the four 8x8 matrices of an ldmatrix.x4: lane L gives
+// the address of row L % 8 of matrix L / 8 (16 contiguous bytes of shared memory), and
+// receives two elements of each matrix (TRANS: of its transpose). For mma.m16n8k16 the
+// matrices are, in order: A (m, k) = (0-7, 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15);
+// B (k, n) = (0-7, 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15), i.e. two k16 x n8 operands.
+// mma16816 adds A @ B[:, 8j:8j+8] into c, lane L holding c[i] at row L / 4 + 8 (i / 2), column
+// 2 (L % 4) + i % 2 of the 16x8 result (PTX ISA, "Matrix fragments for mma.m16n8k16").
+// row(lane) returns the lane's row pointer; the emulator calls it for every lane.
+#ifndef MOE_EMULATE
+struct Frag {
+  uint32_t r[4];
+};
+
+template <bool TRANS, typename Row>
+__device__ __forceinline__ void ldsm_x4(Frag& f, Row row) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row(threadIdx.x % 32)));
+  if (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(f.r[0]), "=r"(f.r[1]), "=r"(f.r[2]), "=r"(f.r[3]) : "r"(s));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(f.r[0]), "=r"(f.r[1]), "=r"(f.r[2]), "=r"(f.r[3]) : "r"(s));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float* c, const Frag& a, const Frag& b, int j) {
+  const uint32_t b0 = b.r[2 * j], b1 = b.r[2 * j + 1];
+  if (std::is_same<T, __nv_bfloat16>::value)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b0), "r"(b1));
+}
+#else
+using ::emu::Frag;
+using ::emu::ldsm_x4;
+using ::emu::mma16816;
 #endif
 
 // Sum of v over the block in a fixed tree order (deterministic); every thread gets the

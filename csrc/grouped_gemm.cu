@@ -1,8 +1,8 @@
 // Grouped GEMMs over experts' variable-length row ranges, with the row gather fused into the
 // A-tile load and the activation / gate weight (forward) or the activation's derivative and
 // the gate gradient (backward, "dact") fused into the epilogue; and the per-expert weight
-// gradient. 128x128 output tiles, 256 threads: tensor cores through WMMA for fp16/bf16
-// (fp32 accumulation), plain fp32 FMAs for fp32. The forward/dact kernel streams its A and B
+// gradient. 128x128 output tiles, 256 threads: tensor cores through ldmatrix + mma.sync for
+// fp16/bf16 (fp32 accumulation), plain fp32 FMAs for fp32. The forward/dact kernel streams its A and B
 // tiles through a multi-stage shared-memory ring with 16-byte cp.async copies (scalar loads
 // where strides or alignment do not allow 16 bytes). B is staged n-fast or k-fast, following
 // its unit stride (W or W^T), so global reads stay coalesced either way. Rows in expert-sorted
@@ -20,9 +20,10 @@ namespace moe {
 
 constexpr int BM = 128, BN = kGemmBlockN, BK = 32;
 // Padded shared-memory rows: A [BM][LDA] k-fast or [BK][LDAT] m-fast, B [BK][LDB] n-fast or
-// [BN][LDBT] k-fast, the fp32 result tile [BM][LDC]. The pads keep every WMMA pointer 32-byte aligned and every
-// cp.async destination 16-byte aligned.
-constexpr int LDA = BK + 8, LDAT = BM + 8, LDB = BN + 8, LDBT = BK + 8, LDC = BN + 4;
+// [BN][LDBT] k-fast, the fp32 result tile [BM][LDC]. The 8-element pads keep every ldmatrix
+// row and cp.async destination 16-byte aligned and each ldmatrix free of bank conflicts; LDC's
+// keeps the fragment stores of a half-warp in distinct banks.
+constexpr int LDA = BK + 8, LDAT = BM + 8, LDB = BN + 8, LDBT = BK + 8, LDC = BN + 8;
 constexpr int kTileA = BM * LDA, kTileB = BK * LDB > BN * LDBT ? BK * LDB : BN * LDBT;
 static_assert(kTileA % 64 == 0 && kTileB % 64 == 0, "stage bases must stay 128-byte aligned");
 
@@ -36,42 +37,46 @@ constexpr size_t gemm_smem() {
 }
 
 // Accumulator of a 128x128 tile from A (k-fast [BM][LDA], or m-fast [BK][LDAT] when AT) and
-// B (n-fast [BK][LDB], or k-fast [BN][LDBT] when BT) in shared memory. fp16/bf16: 8 warps as 2 x 4, each 64x32 = 4 x 2 WMMA
-// 16x16x16 fragments.
+// B (n-fast [BK][LDB], or k-fast [BN][LDBT] when BT) in shared memory. fp16/bf16: 8 warps as
+// 2 x 4, each 64x32 = 4 x 4 mma.m16n8k16 results, operands through ldmatrix (transposing
+// m-fast A and n-fast B on the way). The padded rows (8 elements) put the 8 row addresses of
+// each 8x8 matrix in distinct banks.
 template <typename T>
 struct TileAcc {
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f[4][2];
+  float c[4][4][4];  // [16-row block][8-column block][fragment element]
   __device__ TileAcc() {
     for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(f[i][j], 0.0f);
-  }
-  // The fragment at row (A) / column (B) x and reduction offset kk of a shared tile stored
-  // x-fast ([k][ld]) or k-fast ([x][ld]).
-  template <bool X_FAST, typename Frag>
-  __device__ static void load(Frag& f, const T* s, int x, int kk, int ld) {
-    nvcuda::wmma::load_matrix_sync(f, X_FAST ? s + kk * ld + x : s + x * ld + kk, ld);
+      for (int j = 0; j < 4; ++j)
+        for (int e = 0; e < 4; ++e) c[i][j][e] = 0.0f;
   }
   template <bool AT, bool BT>
   __device__ void mma(const T* sA, const T* sB) {
-    using namespace nvcuda;
-    using LayoutA = typename std::conditional<AT, wmma::col_major, wmma::row_major>::type;
-    using LayoutB = typename std::conditional<BT, wmma::col_major, wmma::row_major>::type;
-    const int warp = threadIdx.x / 32, wm = warp / 4, wn = warp % 4;
+    const int warp = threadIdx.x / 32, m0 = (warp / 4) * 64, n0 = (warp % 4) * 32;
     for (int kk = 0; kk < BK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> fa[4];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> fb[2];
-      for (int i = 0; i < 4; ++i) load<AT>(fa[i], sA, wm * 64 + i * 16, kk, AT ? LDAT : LDA);
-      for (int j = 0; j < 2; ++j) load<!BT>(fb[j], sB, wn * 32 + j * 16, kk, BT ? LDBT : LDB);
+      Frag fa[4], fb[2];
       for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(f[i][j], fa[i], fb[j], f[i][j]);
+        ldsm_x4<AT>(fa[i], [&](int l) {
+          const int m = m0 + i * 16;
+          return AT ? sA + (kk + l % 8 + 8 * (l / 16)) * LDAT + m + 8 * (l / 8 % 2)
+                    : sA + (m + l % 16) * LDA + kk + 8 * (l / 16);
+        });
+      for (int j = 0; j < 2; ++j)
+        ldsm_x4<!BT>(fb[j], [&](int l) {
+          const int n = n0 + j * 16 + 8 * (l / 16);
+          return BT ? sB + (n + l % 8) * LDBT + kk + 8 * (l / 8 % 2)
+                    : sB + (kk + l % 16) * LDB + n;
+        });
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) mma16816<T>(c[i][j], fa[i], fb[j / 2], j % 2);
     }
   }
   __device__ void store(float* sC) {
-    const int warp = threadIdx.x / 32, wm = warp / 4, wn = warp % 4;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int r0 = (warp / 4) * 64 + lane / 4, c0 = (warp % 4) * 32 + 2 * (lane % 4);
     for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 2; ++j)
-        nvcuda::wmma::store_matrix_sync(sC + (wm * 64 + i * 16) * LDC + wn * 32 + j * 16,
-                                        f[i][j], LDC, nvcuda::wmma::mem_row_major);
+      for (int j = 0; j < 4; ++j)
+        for (int e = 0; e < 4; ++e)
+          sC[(r0 + i * 16 + 8 * (e / 2)) * LDC + c0 + j * 8 + e % 2] = c[i][j][e];
   }
 };
 
@@ -137,52 +142,89 @@ __device__ __forceinline__ bool copy16(const void* base, int64_t unit_stride, in
 
 // Copies 16-byte chunks (V elements) of the A rows and B columns of one K step into a stage
 // of the shared-memory ring: cp.async where the source chunk is 16-byte aligned and has unit
-// stride, else element by element. Out-of-range elements become zeros.
+// stride, else element by element. Out-of-range elements become zeros. Each thread copies the
+// same NA A chunks and NB B chunks at every K step, so their sources (less the K offset) and
+// destinations are worked out once, in the constructor.
 template <typename T, bool SWIGLU, bool BT>
 struct TileLoader {
   static constexpr int V = 16 / sizeof(T);
   static constexpr int BNO = SWIGLU ? BN / 2 : BN;
-  const T* A;
-  const T* B;
+  static constexpr int NA = BM * BK / V / kThreads, NB = BK * BN / V / kThreads;
+  const GemmArgs& a;    // K, N and the strides
+  const T* B;           // this tile's group of B
   const int64_t* arow;  // A row of each tile row, -1 past the range
-  int64_t K, N, col0, sam, sak, sbk, sbn;
+  int64_t col0;
   bool vec_a, vec_b;
+  const T* src_a[NA];  // this thread's chunks at k0 = 0 (nullptr: row or column out of range)
+  const T* src_b[NB];
+
+  // Tile coordinates of this thread's j-th chunk: A (row, kk); B (n, kk) with n its first
+  // column (n-fast) or its column (k-fast).
+  __device__ static int a_row(int j) { return (threadIdx.x + j * kThreads) / (BK / V); }
+  __device__ static int a_kk(int j) { return (threadIdx.x + j * kThreads) % (BK / V) * V; }
+  __device__ static int b_n(int j) {
+    const int i = threadIdx.x + j * kThreads;
+    return BT ? i / (BK / V) : i % (BN / V) * V;
+  }
+  __device__ static int b_kk(int j) {
+    const int i = threadIdx.x + j * kThreads;
+    return BT ? i % (BK / V) * V : i / (BN / V);
+  }
+
+  __device__ TileLoader(const GemmArgs& a_, const T* B_, const int64_t* arow_, int64_t col0_,
+                        bool vec_a_, bool vec_b_)
+      : a(a_), B(B_), arow(arow_), col0(col0_), vec_a(vec_a_), vec_b(vec_b_) {
+    const T* A = static_cast<const T*>(a.a);
+    for (int j = 0; j < NA; ++j) {
+      const int64_t row = arow[a_row(j)];
+      src_a[j] = row >= 0 ? A + row * a.stride_am + a_kk(j) * a.stride_ak : nullptr;
+    }
+    for (int j = 0; j < NB; ++j) {
+      const int64_t col = bcol(a, col0, b_n(j));
+      src_b[j] = col >= 0 ? B + b_kk(j) * a.stride_bk + col * a.stride_bn : nullptr;
+    }
+  }
 
   // B column of tile column c (SwiGLU forward: [gate | up] halves), -1 if out of range.
-  __device__ int64_t bcol(int c) const {
+  __device__ static int64_t bcol(const GemmArgs& a, int64_t col0, int c) {
     const int64_t col = col0 + (SWIGLU ? c % BNO : c);
-    if (col >= N) return -1;
-    return SWIGLU ? col + (c / BNO) * N : col;
+    if (col >= a.N) return -1;
+    return SWIGLU ? col + (c / BNO) * a.N : col;
   }
 
   __device__ void operator()(T* sA, T* sB, int64_t k0) const {
-    constexpr int kChunksA = BM * BK / V, kChunksB = BK * BN / V;
-    for (int i = threadIdx.x; i < kChunksA; i += kThreads) {
-      const int r = i / (BK / V), kk = (i % (BK / V)) * V;
-      const int64_t row = arow[r], k = k0 + kk;
-      T* dst = sA + r * LDA + kk;
-      if (vec_a) {
-        const bool ok = row >= 0 && k < K;
-        cp_async16(dst, ok ? A + row * sam + k : A, ok);
-      } else {
-        for (int e = 0; e < V; ++e)
-          dst[e] = (row >= 0 && k + e < K) ? A[row * sam + (k + e) * sak] : from_f<T>(0.0f);
-      }
+    if (!vec_a || !vec_b) return copy_elementwise(a, B, arow, col0, sA, sB, k0);
+    for (int j = 0; j < NA; ++j) {
+      const bool ok = src_a[j] && k0 + a_kk(j) < a.K;
+      cp_async16(sA + a_row(j) * LDA + a_kk(j), ok ? src_a[j] + k0 : B, ok);
     }
-    for (int i = threadIdx.x; i < kChunksB; i += kThreads) {
-      // k-fast: chunk (n, kk..kk+V) of column n; n-fast: chunk (kk, c..c+V) of row kk
-      const int n = BT ? i / (BK / V) : (i % (BN / V)) * V;
-      const int kk = BT ? (i % (BK / V)) * V : i / (BN / V);
+    for (int j = 0; j < NB; ++j) {
+      const int n = b_n(j), kk = b_kk(j);
+      const bool ok = src_b[j] && k0 + kk < a.K;
+      cp_async16(BT ? sB + n * LDBT + kk : sB + kk * LDB + n,
+                 ok ? src_b[j] + k0 * a.stride_bk : B, ok);
+    }
+  }
+
+  // The same copies element by element (strides or alignment rule out 16-byte chunks; rare,
+  // so kept out of line, from the arguments alone, to leave the main loop its registers).
+  __device__ static __noinline__ void copy_elementwise(const GemmArgs& a, const T* B,
+                                                       const int64_t* arow, int64_t col0,
+                                                       T* sA, T* sB, int64_t k0) {
+    const T* A = static_cast<const T*>(a.a);
+    for (int j = 0; j < NA; ++j) {
+      const int64_t row = arow[a_row(j)], k = k0 + a_kk(j);
+      T* dst = sA + a_row(j) * LDA + a_kk(j);
+      for (int e = 0; e < V; ++e)
+        dst[e] = (row >= 0 && k + e < a.K) ? A[row * a.stride_am + (k + e) * a.stride_ak]
+                                           : from_f<T>(0.0f);
+    }
+    for (int j = 0; j < NB; ++j) {
+      const int n = b_n(j), kk = b_kk(j);
       T* dst = BT ? sB + n * LDBT + kk : sB + kk * LDB + n;
-      if (vec_b) {
-        const int64_t col = bcol(n), k = k0 + kk;
-        const bool ok = col >= 0 && k < K;
-        cp_async16(dst, ok ? B + k * sbk + col * sbn : B, ok);
-      } else {
-        for (int e = 0; e < V; ++e) {
-          const int64_t col = bcol(BT ? n : n + e), k = k0 + kk + (BT ? e : 0);
-          dst[e] = (col >= 0 && k < K) ? B[k * sbk + col * sbn] : from_f<T>(0.0f);
-        }
+      for (int e = 0; e < V; ++e) {
+        const int64_t col = bcol(a, col0, BT ? n : n + e), k = k0 + kk + (BT ? e : 0);
+        dst[e] = (col >= 0 && k < a.K) ? B[k * a.stride_bk + col * a.stride_bn] : from_f<T>(0.0f);
       }
     }
   }
@@ -194,7 +236,7 @@ struct TileLoader {
 // Dact (DACT true): dh = A[rows] @ B[g] (B = W^T through strides), then dpre from preact.
 // BT: B's unit stride is along K (stage it k-fast).
 template <typename T, bool DACT, bool SWIGLU, bool BT>
-__global__ void __launch_bounds__(kThreads) gemm_kernel(GemmArgs a) {
+__global__ void __launch_bounds__(kThreads, 2) gemm_kernel(GemmArgs a) {
   MOE_DYNAMIC_SMEM(raw);
   constexpr int S = kStages<T>;
   T* ring = reinterpret_cast<T*>(raw);  // stage s: A at s * (kTileA + kTileB), then B
@@ -211,36 +253,34 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmArgs a) {
   if (tid < BM) {
     const int64_t r = tile.row0 + tid;
     const bool ok = r < tile.row_end;
-    const int64_t pair = (ok && a.pair_ids) ? a.pair_ids[r] : r;
-    s_pair[tid] = pair;
-    s_arow[tid] = !ok ? -1 : (a.gather_div > 0 ? pair / a.gather_div : r);
+    const int id = (ok && a.pair_ids) ? a.pair_ids[r] : 0;  // int32: a 32-bit division
+    s_pair[tid] = a.pair_ids ? id : r;
+    s_arow[tid] = !ok ? -1 : (a.gather_div > 0 ? id / a.gather_div : r);
   }
   __syncthreads();
 
   const T* B = static_cast<const T*>(a.b) + tile.group * a.stride_bg;
   const TileLoader<T, kGateUp, BT> load{
-      static_cast<const T*>(a.a), B, s_arow, a.K, a.N, col0,
-      a.stride_am, a.stride_ak, a.stride_bk, a.stride_bn,
-      copy16<T>(a.a, a.stride_ak, a.K, a.stride_am),
+      a, B, s_arow, col0, copy16<T>(a.a, a.stride_ak, a.K, a.stride_am),
       BT ? copy16<T>(a.b, a.stride_bk, a.K, a.stride_bn, a.stride_bg)
          : copy16<T>(a.b, a.stride_bn, a.N, a.stride_bk, a.stride_bg)};
   const int64_t k_tiles = (a.K + BK - 1) / BK;
+  constexpr int kStage = kTileA + kTileB;
   for (int s = 0; s < S - 1; ++s) {  // prologue: the first S - 1 K steps in flight
-    if (s < k_tiles) load(ring + s * (kTileA + kTileB), ring + s * (kTileA + kTileB) + kTileA, s * BK);
+    if (s < k_tiles) load(ring + s * kStage, ring + s * kStage + kTileA, s * BK);
     cp_async_commit();
   }
   TileAcc<T> acc;
+  int st = 0, st_next = S - 1;  // the stages of K steps kt and kt + S - 1
   for (int64_t kt = 0; kt < k_tiles; ++kt) {
     cp_async_wait<S - 2>();  // this thread's copies for step kt have landed
     __syncthreads();         // everyone's have, and everyone is done with step kt - 1
-    const int64_t next = kt + S - 1;
-    if (next < k_tiles) {
-      T* st = ring + (next % S) * (kTileA + kTileB);  // the stage step kt - 1 used
-      load(st, st + kTileA, next * BK);
-    }
+    if (kt + S - 1 < k_tiles)  // into the stage step kt - 1 used
+      load(ring + st_next * kStage, ring + st_next * kStage + kTileA, (kt + S - 1) * BK);
     cp_async_commit();
-    const T* st = ring + (kt % S) * (kTileA + kTileB);
-    acc.template mma<false, BT>(st, st + kTileA);
+    acc.template mma<false, BT>(ring + st * kStage, ring + st * kStage + kTileA);
+    st = st + 1 == S ? 0 : st + 1;
+    st_next = st_next + 1 == S ? 0 : st_next + 1;
   }
   cp_async_wait<0>();
   __syncthreads();
@@ -275,26 +315,30 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(GemmArgs a) {
     } else {
       const float dh = x * (a.scale ? a.scale[pair] : 1.0f);
       const float z = to_f(pre[row * a.stride_pm + col]);
+      float h;  // act(z), for the gate gradient
       if (SWIGLU) {
-        const float up = to_f(pre[row * a.stride_pm + a.N + col]);
+        const float up = to_f(pre[row * a.stride_pm + a.N + col]), silu = z * sigmoid(z);
         out[row * a.stride_pm + col] = from_f<T>(dh * up * act_grad(z, kSilu));
-        out[row * a.stride_pm + a.N + col] = from_f<T>(dh * z * sigmoid(z));
+        out[row * a.stride_pm + a.N + col] = from_f<T>(dh * silu);
+        h = silu * up;
       } else {
         out[row * a.stride_pm + col] = from_f<T>(dh * act_grad(z, a.act));
+        h = a.dgate_part ? act_fwd(z, a.act) : 0.0f;
       }
+      if (a.dgate_part) sC[r * LDC + c] = x * h;  // only this thread reads or writes (r, c)
     }
   }
-  if (DACT && a.dgate_part && tid < BM && s_arow[tid] >= 0) {
-    // this tile's share of dgate[pair] = sum_n dh * act(z), in column order
-    const int64_t row = tile.row0 + tid;
-    float s = 0.0f;
-    for (int c = 0; c < BN && col0 + c < a.N; ++c) {
-      const float z = to_f(pre[row * a.stride_pm + col0 + c]);
-      const float h = SWIGLU ? z * sigmoid(z) * to_f(pre[row * a.stride_pm + a.N + col0 + c])
-                             : act_fwd(z, a.act);
-      s += sC[tid * LDC + c] * h;
+  if (DACT && a.dgate_part) {  // block-uniform
+    // this tile's share of dgate[pair] = sum_n dh * act(z): a fixed order per row, lane l
+    // starting at column l (mod the tile's columns) so a warp's reads hit distinct banks
+    __syncthreads();
+    const int64_t nc = a.N - col0 < BN ? a.N - col0 : BN;
+    if (tid < BM && s_arow[tid] >= 0) {
+      float s = 0.0f;
+      for (int64_t j = 0, c = (tid % 32) % nc; j < nc; ++j, c = c + 1 == nc ? 0 : c + 1)
+        s += sC[tid * LDC + c];
+      a.dgate_part[s_pair[tid] * a.stride_dg + pid_n] = s;
     }
-    a.dgate_part[s_pair[tid] * a.stride_dg + pid_n] = s;
   }
 }
 
@@ -330,7 +374,7 @@ constexpr size_t weight_grad_smem() {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs a) {
+__global__ void __launch_bounds__(kThreads, 2) weight_grad_kernel(WeightGradArgs a) {
   MOE_DYNAMIC_SMEM(raw);
   constexpr int S = kStages<T>, V = 16 / sizeof(T);
   T* ring = reinterpret_cast<T*>(raw);  // stage s: A, up half, B at s * kStageW
@@ -356,9 +400,11 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs a)
       const int r = i / (BM / V), c = (i % (BM / V)) * V;
       const int64_t row = r0 + r;
       const bool ok = row < hi;
-      const int64_t pair = (ok && a.pair_ids) ? a.pair_ids[row] : row;
-      const int64_t arow = !ok ? -1 : (a.a_gather_div > 0 ? pair / a.a_gather_div : row);
-      const int64_t brow = !ok ? -1 : (a.b_gather_div > 0 ? pair / a.b_gather_div : row);
+      // the row's pair id (int32, so the gathers divide in 32 bits; no pair ids, no gather)
+      const int id = (ok && a.pair_ids) ? a.pair_ids[row] : 0;
+      const int64_t pair = a.pair_ids ? id : row;
+      const int64_t arow = !ok ? -1 : (a.a_gather_div > 0 ? id / a.a_gather_div : row);
+      const int64_t brow = !ok ? -1 : (a.b_gather_div > 0 ? id / a.b_gather_div : row);
       if (c == 0) s_scale[st][r] = (ok && a.scale) ? a.scale[pair] : 1.0f;
       for (int half = 0; half < (swiglu ? 2 : 1); ++half) {  // A, then the up half
         const int64_t k = k0 + c;
@@ -393,13 +439,13 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs a)
   }
   float bsum = 0.0f;
   TileAcc<T> acc;
-  for (int64_t kt = 0; kt < steps; ++kt) {
+  int st = 0, st_next = S - 1;  // the stages of steps kt and kt + S - 1
+  for (int64_t kt = 0; kt < steps; ++kt, st = st + 1 == S ? 0 : st + 1,
+               st_next = st_next + 1 == S ? 0 : st_next + 1) {
     cp_async_wait<S - 2>();
     __syncthreads();
-    const int64_t next = kt + S - 1;
-    if (next < steps) load(static_cast<int>(next % S), lo + next * BK);
+    if (kt + S - 1 < steps) load(st_next, lo + (kt + S - 1) * BK);
     cp_async_commit();
-    const int st = static_cast<int>(kt % S);
     T* sA = ring + st * kStageW;
     const T* sU = sA + BK * LDAT;
     const T* sB = sU + BK * LDAT;

@@ -8,21 +8,22 @@
 // reported as an error, as it is a bug on a GPU). Blocks run one after another. Shared memory
 // is shared by the block's fibers; dynamic shared memory (128-byte aligned, as on a GPU) is
 // filled with 0xFF bytes (NaN / -1) before each block, so reads of unwritten shared memory
-// show. WMMA fragments hold whole 16x16 tiles, computed by lane 0 of each warp in fp32.
+// show. ldmatrix records the 8x8 matrices at the 32 lanes' row addresses, and mma.sync gives
+// each lane its own results from them by the PTX fragment layouts (see Frag below).
 // cp.async copies are queued per thread and performed only when that thread waits for their
 // group, so a read of a stage before its wait sees stale bytes, as it may on a GPU.
 //
 // Checked as the hardware requires (a failed check is reported when the launch ends):
-// WMMA load/store pointers 32-byte aligned with a leading dimension of a multiple of 16 bytes,
-// cp.async source and destination 16-byte aligned, and every fragment and cp.async
-// destination inside the dynamic shared memory.
+// ldmatrix row addresses and cp.async source and destination 16-byte aligned, and every
+// ldmatrix row and cp.async destination inside the dynamic shared memory.
 //
 // Races: set_reverse(true) runs the threads of each block, and the blocks of each grid, in
 // the opposite order. A kernel whose threads exchange data without a barrier between the
 // write and the read (or whose blocks depend on one another) then computes something else,
 // so running the tests both ways and comparing bit for bit exposes such races.
 //
-// Not emulated (checked on the GPU instead): warp-level primitives and timing.
+// Not emulated (checked on the GPU instead): other warp-level primitives (shuffles, votes)
+// and timing.
 #pragma once
 
 #include <ucontext.h>
@@ -44,6 +45,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__
 #define __launch_bounds__(...)
 #define __shared__ static
 
@@ -148,6 +150,58 @@ inline void cp_async_wait() {
   }
 }
 
+// ldmatrix.x4: the fragment keeps the four 8x8 matrices as the 32 lanes' row addresses held
+// at load time (row(lane) for every lane, as each lane's own address on a GPU), so mma16816
+// can look up any lane's registers, which a fiber cannot read from the other lanes.
+struct Frag {
+  uint16_t m[4][8][8];  // [matrix][row][element] as stored in shared memory
+  bool trans;
+};
+
+template <bool TRANS, typename Row>
+inline void ldsm_x4(Frag& f, Row row) {
+  f.trans = TRANS;
+  for (int lane = 0; lane < 32; ++lane) {
+    const void* p = row(lane);
+    if (!aligned(p, 16)) fail("ldmatrix row address not 16-byte aligned");
+    if (!in_smem(p, 16, "ldmatrix row")) return;
+    std::memcpy(f.m[lane / 8][lane % 8], p, 16);
+  }
+}
+
+// The 16-bit element that lane holds in register reg, half h (0: low), after ldmatrix.
+inline uint16_t frag_elem(const Frag& f, int lane, int reg, int h) {
+  const int g = lane / 4, t = lane % 4;
+  return f.trans ? f.m[reg][2 * t + h][g] : f.m[reg][g][2 * t + h];
+}
+
+template <typename T>
+inline float bits_to_f(uint16_t v) {
+  T x;
+  std::memcpy(&x, &v, 2);
+  return static_cast<float>(x);
+}
+
+// mma.m16n8k16 (row.col, fp32 accumulators) for the calling lane's four results: A (r, k) is
+// held by lane 4 (r % 8) + (k % 8) / 2 in register r / 8 + 2 (k / 8); B (k, n) of the j-th
+// n8 half by lane 4 n + (k % 8) / 2 in register 2 j + k / 8; half k % 2 of each.
+template <typename T>
+inline void mma16816(float* c, const Frag& a, const Frag& b, int j) {
+  const int lane = static_cast<int>(thread_idx.x % 32), g = lane / 4, t = lane % 4;
+  float ar[2][16], bc[2][16];
+  for (int k = 0; k < 16; ++k)
+    for (int s = 0; s < 2; ++s) {
+      const int r = g + 8 * s, n = 2 * t + s;
+      ar[s][k] = bits_to_f<T>(frag_elem(a, 4 * (r % 8) + (k % 8) / 2, r / 8 + 2 * (k / 8), k % 2));
+      bc[s][k] = bits_to_f<T>(frag_elem(b, 4 * n + (k % 8) / 2, 2 * j + k / 8, k % 2));
+    }
+  for (int i = 0; i < 4; ++i) {
+    float s = 0.0f;
+    for (int k = 0; k < 16; ++k) s += ar[i / 2][k] * bc[i % 2][k];
+    c[i] += s;
+  }
+}
+
 inline void set_thread(int i) {
   current = i;
   thread_idx = dim3(i % block_dim.x, (i / block_dim.x) % block_dim.y,
@@ -215,69 +269,3 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
 #define blockDim ::emu::block_dim
 #define gridDim ::emu::grid_dim
 #define __syncthreads() ::emu::syncthreads()
-
-// WMMA with whole-tile fragments; lane 0 of each warp does the work (the kernels only move
-// fragments through load/mma/store, never read their elements).
-namespace nvcuda {
-namespace wmma {
-struct matrix_a {};
-struct matrix_b {};
-struct accumulator {};
-struct row_major {};
-struct col_major {};
-enum layout_t { mem_row_major, mem_col_major };
-
-template <typename Use, int M, int N, int K, typename T, typename Layout = void>
-struct fragment {
-  T x[16 * 16];
-};
-
-inline bool lane0() { return threadIdx.x % 32 == 0; }
-
-// The hardware's rules for a fragment's memory: 32-byte aligned, ldm a multiple of 16 bytes.
-template <typename T>
-inline bool fragment_ok(const T* p, unsigned ldm) {
-  if (!emu::aligned(p, 32) || (ldm * sizeof(T)) % 16 != 0) {
-    emu::fail("WMMA pointer not 32-byte aligned or ldm not a multiple of 16 bytes");
-    return false;
-  }
-  return emu::in_smem(p, (15 * ldm + 16) * sizeof(T), "WMMA fragment");
-}
-
-template <typename F>
-inline void fill_fragment(F& f, float v) {
-  for (auto& e : f.x) e = v;
-}
-
-// Fragments hold their tile row-major whatever the memory layout they were loaded from.
-template <typename Use, typename T, typename L>
-inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
-  if (!lane0() || !fragment_ok(p, ldm)) return;
-  constexpr bool col = std::is_same<L, col_major>::value;
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = col ? p[c * ldm + r] : p[r * ldm + c];
-}
-
-template <typename T, typename LA, typename LB>
-inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
-                     const fragment<matrix_a, 16, 16, 16, T, LA>& a,
-                     const fragment<matrix_b, 16, 16, 16, T, LB>& b,
-                     const fragment<accumulator, 16, 16, 16, float>& c) {
-  if (!lane0()) return;
-  for (int i = 0; i < 16; ++i)
-    for (int j = 0; j < 16; ++j) {
-      float s = c.x[i * 16 + j];
-      for (int k = 0; k < 16; ++k)
-        s += static_cast<float>(a.x[i * 16 + k]) * static_cast<float>(b.x[k * 16 + j]);
-      d.x[i * 16 + j] = s;
-    }
-}
-
-inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
-                              unsigned ldm, layout_t) {
-  if (!lane0() || !fragment_ok(p, ldm)) return;
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) p[r * ldm + c] = f.x[r * 16 + c];
-}
-}  // namespace wmma
-}  // namespace nvcuda
