@@ -11,7 +11,8 @@
 #   gcuda  GPU tests of the CUDA backend and Triton-vs-CUDA agreement, and the self-check
 #   gpu    the GPU tests selected by GPU_TESTS_K (pytest -k; all when unset), both backends
 #   tune   tile tuning (commit the JSON it writes)
-#   bench  per-kernel and adapter benchmarks, and this host's cost per eager forward
+#   bench  per-kernel benchmarks (Triton; the CUDA extension at T = 8192), adapter benchmarks,
+#          and this host's cost per eager forward
 #   profile  every kernel of a training step by device time (torch.profiler), T = 8192, 65536
 # What lands under $OUT (at most 8 files come back from the device tool): session.log;
 # results.tgz (build.log, tuned configs, kernels.json, bench*.json/.md); and the caches that
@@ -106,6 +107,8 @@ for stage in $stages; do
     bench) wait_build
            run 60 python -m benchmarks.host --tokens 512
            run 120 python -m benchmarks.kernels --json "$R/kernels.json"
+           run 90 python -m benchmarks.kernels --ops cuda --tokens 8192 \
+               --json "$R/kernels-cuda.json"
            run 240 python -m moe_adapter_kernels.cli bench --json "$R/bench.json" \
                --markdown "$R/bench.md"
            run 120 python -m moe_adapter_kernels.cli bench --graphs --tokens 512 2048 8192 \

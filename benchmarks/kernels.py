@@ -1,27 +1,35 @@
-"""Per-kernel benchmark of the Triton pipeline at the paper's sizes, for profiling.
+"""Per-kernel benchmark of the Triton pipeline (or, with ``--ops cuda``, the CUDA extension's)
+at the paper's sizes, for profiling.
 
 Each step's median time (triton.testing.do_bench), its counted FLOPs and the fewest bytes it
 must move, achieved TFLOP/s and GB/s, and the share of the device's measured bf16 matmul and
 copy ceilings (GEMMs against the former, the rest against the latter). Needs a CUDA GPU.
 
     python -m benchmarks.kernels --tokens 8192 65536 --json kernels.json
+    python -m benchmarks.kernels --ops cuda --tokens 8192
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
 import torch
 
 from benchmarks.bench import DTYPES, ceilings, timer
-from moe_adapter_kernels import MoEAdapter, MoEAdapterConfig, ops, reference, torch_ops
+from moe_adapter_kernels import MoEAdapter, MoEAdapterConfig, reference, torch_ops
+from moe_adapter_kernels.autograd import op_set
 from moe_adapter_kernels.config import MOE_PRESETS
 
 
-def steps(model: MoEAdapter, x: torch.Tensor):
-    """(name, fn, flops, bytes) for every forward and backward step, on real routed data."""
+def steps(model: MoEAdapter, x: torch.Tensor, kernels: str = "triton"):
+    """(name, fn, flops, bytes) for every forward and backward step of op set ``kernels``
+    ("triton" or "cuda"), on real routed data."""
+    importlib.import_module({"triton": "moe_adapter_kernels.ops",
+                             "cuda": "moe_adapter_kernels.cuda.ops"}[kernels])  # registers it
+    ops = op_set(kernels)
     cfg, p = model.config, dict(model.named_parameters())
     T, d, k, E = x.shape[0], cfg.d_in, cfg.top_k, cfg.num_experts
     F, Fu, D, S = cfg.expert_dim, cfg.expert_up, cfg.expert_out, cfg.shared_dim
@@ -81,8 +89,8 @@ def steps(model: MoEAdapter, x: torch.Tensor):
          (P * Fu + E * d * Fu + P * d) * b),
         ("bwd shared_dact", lambda: ops.linear_dact(dz, p["shared_w2"], pre_s, "silu"),
          2 * T * D * S, (T * D + S * D + 2 * T * S) * b),
-        ("bwd shared_dact cuBLAS+silu_backward (candidate)",
-         lambda: torch.ops.aten.silu_backward(dz @ p["shared_w2"].t(), pre_s),
+        ("bwd shared_dact cuBLAS+torch ops (cuda backend's)",
+         lambda: torch_ops.linear_dact(dz, p["shared_w2"], pre_s, "silu"),
          2 * T * D * S, (T * D + S * D + 2 * T * S) * b),
         # the shared MLP's other backward GEMMs run in cuBLAS (see autograd._mlp_backward)
         ("bwd shared_dW2 cuBLAS", lambda: reference.activation(pre_s, "silu").t() @ dz,
@@ -109,6 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 65536])
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     ap.add_argument("--preset", default="paper", choices=list(MOE_PRESETS))
+    ap.add_argument("--ops", default="triton", choices=["triton", "cuda"],
+                    help="whose kernels to time (cuda: the C++ extension's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -126,7 +136,7 @@ def main(argv=None) -> int:
     for T in args.tokens:
         x = torch.randn(T, model.config.d_in, device="cuda", dtype=dtype)
         with torch.no_grad():
-            for name, fn, flops, nbytes in steps(model, x):
+            for name, fn, flops, nbytes in steps(model, x, args.ops):
                 ms = bench(fn)
                 tflops, gbps = flops / ms / 1e9, nbytes / ms / 1e6
                 share = (tflops / ceil["matmul_tflops"] if flops > 10 * nbytes
@@ -140,7 +150,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ceilings": ceil, "device": torch.cuda.get_device_name(),
-                       "dtype": args.dtype, "rows": rows}, f, indent=2)
+                       "dtype": args.dtype, "ops": args.ops, "rows": rows}, f, indent=2)
     return 0
 
 

@@ -1,11 +1,12 @@
-"""The Triton set's elementwise backward ops (``input_grad``, ``gate_grad``,
-``scaled_activation``; see their docstrings in ``moe_adapter_kernels.ops``) written as PyTorch
-ops, with the same signatures and results up to rounding. The CUDA extension's op set uses
-these; the kernels benchmark times them against the Triton kernels that replaced them."""
+"""Some of the Triton set's backward ops (``input_grad``, ``gate_grad``,
+``scaled_activation``, ``linear_dact``; see their docstrings in ``moe_adapter_kernels.ops``)
+written as PyTorch ops, with the same signatures and results up to rounding. The CUDA
+extension's op set uses these; the kernels benchmark times them against the Triton kernels."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 
@@ -48,3 +49,17 @@ def scaled_activation(pre, activation: str, gates, sorted_pair):
     if h is pre:  # identity: never scale the saved tensor in place
         h = h.clone()
     return h.mul_(gates.reshape(-1)[sorted_pair.long()][:, None])
+
+
+def linear_dact(dc, w, preact, activation: str):
+    """d act(preact) given act(preact) @ w received dc: dc @ w^T in cuBLAS, then the
+    activation's backward in PyTorch ops. [T, F] (SwiGLU: [T, 2F], gate half first)."""
+    dh = dc @ w.t()
+    if activation == "identity":
+        return dh
+    if activation == "gelu":
+        return torch.ops.aten.gelu_backward(dh, preact)
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(dh, preact)
+    gate, up = preact.chunk(2, dim=-1)
+    return torch.cat([torch.ops.aten.silu_backward(dh * up, gate), dh * F.silu(gate)], dim=-1)

@@ -10,14 +10,19 @@ from moe_adapter_kernels import MoEAdapter
 from helpers import small_config
 
 
-def test_every_kernel_step_runs():
+@pytest.mark.parametrize("kernels", ["triton", "cuda"])
+def test_every_kernel_step_runs(kernels):
     pytest.importorskip("triton")
+    if kernels == "cuda":
+        from moe_adapter_kernels import cuda
+        if not cuda.status()[0]:
+            pytest.skip(cuda.status()[1])
     from benchmarks.kernels import steps
     torch.manual_seed(0)
     model = MoEAdapter(small_config(), backend="triton")
     x = torch.randn(40, 72)
     with torch.no_grad():
-        table = steps(model, x)
+        table = steps(model, x, kernels)
         for name, fn, flops, nbytes in table:
             fn()
             assert nbytes > 0 and flops >= 0, name

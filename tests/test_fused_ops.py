@@ -405,6 +405,23 @@ def test_linear_backward_ops(dtype, kn):
         assert rel_err(got, want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "gelu", "swiglu", "identity"])
+def test_torch_linear_dact_is_the_activation_backward(activation, dtype):
+    """torch_ops.linear_dact (the cuda backend's shared-MLP dact: cuBLAS, then PyTorch ops)
+    against autograd through act(pre) @ w."""
+    from moe_adapter_kernels import torch_ops
+    M, S, N = 37, 24, 40
+    width = 2 * S if activation == "swiglu" else S
+    pre, w, dc = randn(M, width, dtype=dtype), randn(S, N, dtype=dtype, scale=0.3), randn(
+        M, N, dtype=dtype)
+    got = torch_ops.linear_dact(dc, w, pre, activation)
+    lp = pre.float().requires_grad_(True)
+    (reference.activation(lp, activation) @ w.float() * dc.float()).sum().backward()
+    assert got.shape == pre.shape and got.dtype == dtype
+    assert rel_err(got, lp.grad) < TOL[dtype]
+
+
 def test_grouped_mlp_is_up_then_down():
     ops = pytest.importorskip("moe_adapter_kernels.ops")
     ids, sorted_pair, offsets = routing_case(33, 8, 4)
