@@ -54,14 +54,20 @@ __device__ __forceinline__ float act_grad(float z, int act) {
   return s * (1.0f + z * (1.0f - s));
 }
 
-// Asynchronous 16-byte global -> shared copies (sm_80 cp.async; zeros when !valid, src must
-// then still be a mapped address). A thread's copies land once it waits for their group:
-// cp_async_wait<N>() returns when at most N of its committed groups are still in flight.
+// Asynchronous 16-byte (and 4-byte) global -> shared copies (sm_80 cp.async; zeros when
+// !valid, src must then still be a mapped address). A thread's copies land once it waits for
+// their group: cp_async_wait<N>() returns when at most N of its committed groups are still in
+// flight.
 #ifndef MOE_EMULATE
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src),
                "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src),
+               "r"(valid ? 4 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -70,6 +76,7 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 #else
 using ::emu::cp_async16;
+using ::emu::cp_async4;
 using ::emu::cp_async_commit;
 using ::emu::cp_async_wait;
 #endif

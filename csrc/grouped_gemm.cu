@@ -363,13 +363,19 @@ cudaError_t gemm_dact(const GemmArgs& a, cudaStream_t stream) { return launch_ge
 // rows per K step through the same shared-memory ring as the GEMM above. A stage holds the
 // raw rows: A [BK][LDAT] (with the up half beside it for SwiGLU) and B [BK][LDB]; when there
 // is an activation or a scale, act(A) * scale is formed in place before the tile product,
-// which reads A m-fast (col_major fragments), so both operands are copied as they lie.
+// which reads A m-fast (transposing ldmatrix), so both operands are copied as they lie. The
+// rows' scales ride the ring too (4-byte cp.async into [S][BK] floats after the stages).
+// Which rows a step gathers is worked out once per step by warp 0, one step before the
+// step's copies are issued, from pair ids it loaded a step earlier still: no thread waits on
+// a global load before issuing its copies.
 constexpr int kStageW = 3 * BK * LDAT;  // A, SwiGLU up half, B (LDB == LDAT)
 static_assert(LDB == LDAT && BM == BN && kStageW % 64 == 0, "weight-gradient stage layout");
+static_assert(BK == 32, "warp 0 works out one row of a K step per lane");
 
 template <typename T>
 constexpr size_t weight_grad_smem() {
-  const size_t ring = sizeof(T) * kStages<T> * kStageW, result = sizeof(float) * BM * LDC;
+  const size_t ring = sizeof(T) * kStages<T> * kStageW + sizeof(float) * kStages<T> * BK;
+  const size_t result = sizeof(float) * BM * LDC;
   return ring > result ? ring : result;
 }
 
@@ -378,12 +384,14 @@ __global__ void __launch_bounds__(kThreads, 2) weight_grad_kernel(WeightGradArgs
   MOE_DYNAMIC_SMEM(raw);
   constexpr int S = kStages<T>, V = 16 / sizeof(T);
   T* ring = reinterpret_cast<T*>(raw);  // stage s: A, up half, B at s * kStageW
+  float* s_scale = reinterpret_cast<float*>(ring + S * kStageW);  // [S][BK]
   float* sC = reinterpret_cast<float*>(raw);
-  __shared__ float s_scale[S][BK];
+  __shared__ int64_t s_rows[2][3][BK];  // [step % 2][A row, B row, pair id][row of the step]
   const int tid = threadIdx.x;
   const int64_t g = blockIdx.x, n_tiles = (a.NB + BN - 1) / BN;
   const int64_t k0 = (blockIdx.y / n_tiles) * BM, n0 = (blockIdx.y % n_tiles) * BN;
   const int64_t lo = a.groups ? a.offsets[g] : 0, hi = a.groups ? a.offsets[g + 1] : a.M;
+  const int64_t steps = (hi - lo + BK - 1) / BK;
   const bool bias_tile = a.db && k0 == 0, swiglu = a.a_act == kSwiglu;
   const bool transform = a.a_act != kIdentity || a.scale;
   const T* A = static_cast<const T*>(a.a);
@@ -391,21 +399,30 @@ __global__ void __launch_bounds__(kThreads, 2) weight_grad_kernel(WeightGradArgs
   const bool vec_a = copy16<T>(A, a.stride_ak, a.KA, a.stride_am);
   const bool vec_b = copy16<T>(B, a.stride_bn, a.NB, a.stride_bm);
 
-  // Issue the copies of rows r0 .. r0 + BK into stage st (and record each row's scale).
-  auto load = [&](int st, int64_t r0) {
+  // Warp 0: the pair id of lane tid's row of step n (int32: the gathers divide in 32 bits;
+  // no pair ids, no gather), and the row info of step n from it.
+  auto pair_id = [&](int64_t n) -> int {
+    const int64_t row = lo + n * BK + tid;
+    return (a.pair_ids && n < steps && row < hi) ? a.pair_ids[row] : 0;
+  };
+  auto row_info = [&](int64_t n, int id) {
+    const int64_t row = lo + n * BK + tid;
+    const bool ok = row < hi;
+    s_rows[n & 1][0][tid] = !ok ? -1 : (a.a_gather_div > 0 ? id / a.a_gather_div : row);
+    s_rows[n & 1][1][tid] = !ok ? -1 : (a.b_gather_div > 0 ? id / a.b_gather_div : row);
+    s_rows[n & 1][2][tid] = a.pair_ids ? id : row;
+  };
+  // Issue the copies of step n's rows (and their scales) into stage st.
+  auto load = [&](int st, int64_t n) {
     T* sA = ring + st * kStageW;
     T* sU = sA + BK * LDAT;
     T* sB = sU + BK * LDAT;
     for (int i = tid; i < BK * (BM / V); i += kThreads) {
       const int r = i / (BM / V), c = (i % (BM / V)) * V;
-      const int64_t row = r0 + r;
-      const bool ok = row < hi;
-      // the row's pair id (int32, so the gathers divide in 32 bits; no pair ids, no gather)
-      const int id = (ok && a.pair_ids) ? a.pair_ids[row] : 0;
-      const int64_t pair = a.pair_ids ? id : row;
-      const int64_t arow = !ok ? -1 : (a.a_gather_div > 0 ? id / a.a_gather_div : row);
-      const int64_t brow = !ok ? -1 : (a.b_gather_div > 0 ? id / a.b_gather_div : row);
-      if (c == 0) s_scale[st][r] = (ok && a.scale) ? a.scale[pair] : 1.0f;
+      const int64_t arow = s_rows[n & 1][0][r], brow = s_rows[n & 1][1][r];
+      if (c == 0 && a.scale)
+        cp_async4(s_scale + st * BK + r, a.scale + (arow >= 0 ? s_rows[n & 1][2][r] : 0),
+                  arow >= 0);
       for (int half = 0; half < (swiglu ? 2 : 1); ++half) {  // A, then the up half
         const int64_t k = k0 + c;
         T* dst = (half ? sU : sA) + r * LDAT + c;
@@ -431,10 +448,18 @@ __global__ void __launch_bounds__(kThreads, 2) weight_grad_kernel(WeightGradArgs
       }
     }
   };
+  auto scale = [&](int st, int r) { return a.scale ? s_scale[st * BK + r] : 1.0f; };
 
-  const int64_t steps = (hi - lo + BK - 1) / BK;
-  for (int s = 0; s < S - 1; ++s) {
-    if (s < steps) load(s, lo + s * BK);
+  // Prologue: row info of steps 0 .. S - 1, copies of steps 0 .. S - 2.
+  int id_next = tid < BK ? pair_id(0) : 0;
+  for (int s = 0; s < S; ++s) {
+    if (tid < BK) {
+      row_info(s, id_next);
+      id_next = pair_id(s + 1);
+    }
+    if (s == S - 1) break;
+    __syncthreads();
+    if (s < steps) load(s, s);
     cp_async_commit();
   }
   float bsum = 0.0f;
@@ -443,20 +468,25 @@ __global__ void __launch_bounds__(kThreads, 2) weight_grad_kernel(WeightGradArgs
   for (int64_t kt = 0; kt < steps; ++kt, st = st + 1 == S ? 0 : st + 1,
                st_next = st_next + 1 == S ? 0 : st_next + 1) {
     cp_async_wait<S - 2>();
-    __syncthreads();
-    if (kt + S - 1 < steps) load(st_next, lo + (kt + S - 1) * BK);
+    __syncthreads();  // also: step kt + S - 1's row info is visible, step kt + S - 2's is read
+    const int64_t n = kt + S - 1;
+    if (n < steps) load(st_next, n);
     cp_async_commit();
+    if (tid < BK && n + 1 < steps) {
+      row_info(n + 1, id_next);
+      id_next = pair_id(n + 2);
+    }
     T* sA = ring + st * kStageW;
     const T* sU = sA + BK * LDAT;
     const T* sB = sU + BK * LDAT;
     if (bias_tile && tid < BN)
-      for (int r = 0; r < BK; ++r) bsum += s_scale[st][r] * to_f(sB[r * LDB + tid]);
+      for (int r = 0; r < BK; ++r) bsum += scale(st, r) * to_f(sB[r * LDB + tid]);
     if (transform) {  // block-uniform
       for (int i = tid; i < BK * BM; i += kThreads) {
         const int r = i / BM, m = i % BM;
         const float x = to_f(sA[r * LDAT + m]);
         const float h = swiglu ? x * sigmoid(x) * to_f(sU[r * LDAT + m]) : act_fwd(x, a.a_act);
-        sA[r * LDAT + m] = from_f<T>(h * s_scale[st][r]);
+        sA[r * LDAT + m] = from_f<T>(h * scale(st, r));
       }
       __syncthreads();
     }

@@ -75,6 +75,7 @@ struct Fiber {
 struct AsyncCopy {
   void* dst;
   const void* src;
+  size_t bytes;
   bool valid;
 };
 struct AsyncQueue {
@@ -124,11 +125,15 @@ inline void fiber_entry() {
 
 inline void syncthreads() { swapcontext(&fibers[current].ctx, &scheduler); }
 
-inline void cp_async16(void* dst, const void* src, bool valid) {
-  if (!aligned(dst, 16) || !aligned(src, 16)) fail("cp.async address not 16-byte aligned");
-  if (in_smem(dst, 16, "cp.async destination"))
-    async_queues[current].open.push_back({dst, src, valid});
+template <size_t N>
+inline void cp_async(void* dst, const void* src, bool valid) {
+  if (!aligned(dst, N) || !aligned(src, N))
+    fail("cp.async address not " + std::to_string(N) + "-byte aligned");
+  if (in_smem(dst, N, "cp.async destination"))
+    async_queues[current].open.push_back({dst, src, N, valid});
 }
+inline void cp_async16(void* dst, const void* src, bool valid) { cp_async<16>(dst, src, valid); }
+inline void cp_async4(void* dst, const void* src, bool valid) { cp_async<4>(dst, src, valid); }
 
 inline void cp_async_commit() {
   AsyncQueue& q = async_queues[current];
@@ -142,9 +147,9 @@ inline void cp_async_wait() {
   while (q.committed.size() > static_cast<size_t>(N)) {
     for (const AsyncCopy& c : q.committed.front()) {
       if (c.valid)
-        std::memcpy(c.dst, c.src, 16);
+        std::memcpy(c.dst, c.src, c.bytes);
       else
-        std::memset(c.dst, 0, 16);
+        std::memset(c.dst, 0, c.bytes);
     }
     q.committed.pop_front();
   }
