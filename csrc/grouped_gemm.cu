@@ -231,6 +231,56 @@ struct TileLoader {
 };
 
 
+// Can every row of a [rows, ld] operand at p be accessed in 16-byte chunks from any column
+// that is a multiple of 16 / sizeof(T)?
+template <typename T>
+__device__ __forceinline__ bool rows16(const T* p, int64_t ld) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % (16 / sizeof(T)) == 0;
+}
+
+// True on a GPU; the emulator records a misaligned 16-byte access as a failure (and falls
+// back to element access, as a CPU would fault on the aligned vector instruction).
+#ifdef MOE_EMULATE
+inline bool aligned16(const void* p) {
+  if (::emu::aligned(p, 16)) return true;
+  ::emu::fail("16-byte global access not 16-byte aligned");
+  return false;
+}
+#else
+__device__ __forceinline__ bool aligned16(const void*) { return true; }
+#endif
+
+template <typename T>
+struct alignas(16) Chunk {
+  T v[16 / sizeof(T)];
+};
+
+// The first n (<= 16 / sizeof(T)) of the 16 / sizeof(T) elements at p as floats (the rest 0):
+// one 16-byte load when vec (p 16-byte aligned) and n is all of them.
+template <typename T>
+__device__ __forceinline__ void load_chunk(float* x, const T* p, int n, bool vec) {
+  constexpr int VE = 16 / sizeof(T);
+  if (vec && n == VE && aligned16(p)) {
+    const Chunk<T> ch = *reinterpret_cast<const Chunk<T>*>(p);
+    for (int e = 0; e < VE; ++e) x[e] = to_f(ch.v[e]);
+  } else {
+    for (int e = 0; e < VE; ++e) x[e] = e < n ? to_f(p[e]) : 0.0f;
+  }
+}
+
+// Store the first n of x at p, as one 16-byte store when vec and n is all of them.
+template <typename T>
+__device__ __forceinline__ void store_chunk(T* p, const float* x, int n, bool vec) {
+  constexpr int VE = 16 / sizeof(T);
+  if (vec && n == VE && aligned16(p)) {
+    Chunk<T> ch;
+    for (int e = 0; e < VE; ++e) ch.v[e] = from_f<T>(x[e]);
+    *reinterpret_cast<Chunk<T>*>(p) = ch;
+  } else {
+    for (int e = 0; e < n; ++e) p[e] = from_f<T>(x[e]);
+  }
+}
+
 // Forward (DACT false): c = act(A[rows] @ B[g] + bias) * scale. SWIGLU: the B tile holds 64
 // gate columns then the 64 matching up columns (b is [gate | up], N output columns).
 // Dact (DACT true): dh = A[rows] @ B[g] (B = W^T through strides), then dpre from preact.
@@ -287,45 +337,63 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_kernel(GemmArgs a) {
   acc.store(sC);
   __syncthreads();
 
+  // Epilogue, VE consecutive columns of a row per thread and step (one 16-byte access per
+  // operand where its rows allow, see load_chunk / store_chunk).
+  constexpr int VE = 16 / sizeof(T);
   T* out = static_cast<T*>(a.c);
   T* pre = static_cast<T*>(a.preact);
   const T* bias = static_cast<const T*>(a.bias);
-  for (int i = tid; i < BM * BNO; i += kThreads) {
-    const int r = i / BNO, c = i % BNO;
+  const bool two = SWIGLU;  // pre (and the dact output) hold [gate | up]: both halves aligned?
+  const bool vec_pre = rows16<T>(pre, a.stride_pm) && (!two || a.N % VE == 0);
+  const bool vec_out = DACT ? rows16<T>(out, a.stride_pm) && (!two || a.N % VE == 0)
+                            : rows16<T>(out, a.stride_cm);
+  for (int i = tid; i < BM * (BNO / VE); i += kThreads) {
+    const int r = i / (BNO / VE), c = (i % (BNO / VE)) * VE;
     const int64_t col = col0 + c, row = tile.row0 + r, pair = s_pair[r];
     if (s_arow[r] < 0 || col >= a.N) continue;
-    const float x = sC[r * LDC + c];
+    const int n = a.N - col < VE ? static_cast<int>(a.N - col) : VE;  // valid columns
+    const float sc = a.scale ? a.scale[pair] : 1.0f;  // forward: row scale; dact: the gate
+    float x[VE], v[VE];
+    for (int e = 0; e < VE; ++e) x[e] = sC[r * LDC + c + e];
     if (!DACT) {
       const int64_t bofs = tile.group * a.stride_biasg + col;
-      const float z = x + (bias ? to_f(bias[bofs]) : 0.0f);
-      float v;
+      for (int e = 0; e < VE; ++e) x[e] += (bias && e < n) ? to_f(bias[bofs + e]) : 0.0f;
       if (SWIGLU) {
-        const float zu = sC[r * LDC + c + BNO] + (bias ? to_f(bias[bofs + a.N]) : 0.0f);
+        float zu[VE];
+        for (int e = 0; e < VE; ++e)
+          zu[e] = sC[r * LDC + c + BNO + e] + ((bias && e < n) ? to_f(bias[bofs + a.N + e]) : 0.0f);
         if (pre) {
-          pre[row * a.stride_pm + col] = from_f<T>(z);
-          pre[row * a.stride_pm + a.N + col] = from_f<T>(zu);
+          store_chunk(pre + row * a.stride_pm + col, x, n, vec_pre);
+          store_chunk(pre + row * a.stride_pm + a.N + col, zu, n, vec_pre);
         }
-        v = z * sigmoid(z) * zu;
+        for (int e = 0; e < VE; ++e) v[e] = x[e] * sigmoid(x[e]) * zu[e] * sc;
       } else {
-        if (pre) pre[row * a.stride_pm + col] = from_f<T>(z);
-        v = act_fwd(z, a.act);
+        if (pre) store_chunk(pre + row * a.stride_pm + col, x, n, vec_pre);
+        for (int e = 0; e < VE; ++e) v[e] = act_fwd(x[e], a.act) * sc;
       }
-      if (a.scale) v *= a.scale[pair];
-      out[(a.scatter ? pair : row) * a.stride_cm + col] = from_f<T>(v);
+      store_chunk(out + (a.scatter ? pair : row) * a.stride_cm + col, v, n, vec_out);
     } else {
-      const float dh = x * (a.scale ? a.scale[pair] : 1.0f);
-      const float z = to_f(pre[row * a.stride_pm + col]);
-      float h;  // act(z), for the gate gradient
+      float z[VE], h[VE];  // h = act(z), for the gate gradient
+      load_chunk(z, pre + row * a.stride_pm + col, n, vec_pre);
       if (SWIGLU) {
-        const float up = to_f(pre[row * a.stride_pm + a.N + col]), silu = z * sigmoid(z);
-        out[row * a.stride_pm + col] = from_f<T>(dh * up * act_grad(z, kSilu));
-        out[row * a.stride_pm + a.N + col] = from_f<T>(dh * silu);
-        h = silu * up;
+        float up[VE], du[VE];
+        load_chunk(up, pre + row * a.stride_pm + a.N + col, n, vec_pre);
+        for (int e = 0; e < VE; ++e) {
+          const float silu = z[e] * sigmoid(z[e]);
+          v[e] = x[e] * sc * up[e] * act_grad(z[e], kSilu);
+          du[e] = x[e] * sc * silu;
+          h[e] = silu * up[e];
+        }
+        store_chunk(out + row * a.stride_pm + a.N + col, du, n, vec_out);
       } else {
-        out[row * a.stride_pm + col] = from_f<T>(dh * act_grad(z, a.act));
-        h = a.dgate_part ? act_fwd(z, a.act) : 0.0f;
+        for (int e = 0; e < VE; ++e) {
+          v[e] = x[e] * sc * act_grad(z[e], a.act);
+          h[e] = a.dgate_part ? act_fwd(z[e], a.act) : 0.0f;
+        }
       }
-      if (a.dgate_part) sC[r * LDC + c] = x * h;  // only this thread reads or writes (r, c)
+      store_chunk(out + row * a.stride_pm + col, v, n, vec_out);
+      if (a.dgate_part)  // only this thread reads or writes these (r, c + e)
+        for (int e = 0; e < n; ++e) sC[r * LDC + c + e] = x[e] * h[e];
     }
   }
   if (DACT && a.dgate_part) {  // block-uniform
