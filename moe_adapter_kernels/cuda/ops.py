@@ -17,8 +17,9 @@ load()  # registers torch.ops.moe_adapter_cuda
 _C = torch.ops.moe_adapter_cuda
 ROUTER_TOKENS = 32  # tokens per router block (csrc/kernels.h kRouterTokens)
 # The shared MLP's dense GEMMs (forward, and dc @ W2^T before the activation's backward) go to
-# cuBLAS with this backend (autograd._shared_mlp, _mlp_backward): on an H100 the WMMA kernel ran them at ~135 TFLOP/s (cuBLAS: ~730),
-# and they carry 2/3 of the adapter's FLOPs.
+# cuBLAS with this backend (autograd._shared_mlp, _mlp_backward): they carry 2/3 of the
+# adapter's FLOPs, and on an H100 cuBLAS ran them at ~730 TFLOP/s, our first (WMMA) kernel at
+# ~135.
 DENSE_VIA_CUBLAS = True
 
 
