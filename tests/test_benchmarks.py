@@ -128,3 +128,32 @@ def test_step_profile_on_cpu(tmp_path, capsys):
     assert any("mm" in r["name"] for r in prof["rows"])  # the adapter's matmuls are listed
     captured = capsys.readouterr()
     assert "no GPU: profiling CPU ops" in captured.err and "| CPU op |" in captured.out
+
+
+@pytest.mark.slow
+def test_sass_profile_of_the_gemms(tmp_path):
+    """benchmarks.sass builds every GEMM for sm_90 without a GPU and reads its loop: the
+    Triton GEMMs on wgmma fed by async copies, the CUDA GEMMs on ldmatrix + mma.sync with no
+    generic (WMMA-style) or spilled loads in the loop."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.sass", "--json", str(out)],
+                          cwd=root, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = {r["kernel"]: r for r in json.loads(out.read_text())}
+    triton = [r for k, r in rows.items() if k.startswith("triton")]
+    assert len(triton) == 7
+    for r in triton:
+        assert r["HGMMA"] > 0 and r["LDGSTS"] + r["UTMALDG"] > 0, r
+    cuda = [r for k, r in rows.items() if k.startswith("cuda")]
+    if cuda:
+        for r in cuda:
+            assert r["HMMA"] > 0 and r["LDSM"] > 0 and r["LD_generic"] == 0 and r["LDL"] == 0, r
