@@ -480,39 +480,42 @@ __global__ void __launch_bounds__(kThreads, 2) weight_grad_kernel(WeightGradArgs
     s_rows[n & 1][1][tid] = !ok ? -1 : (a.b_gather_div > 0 ? id / a.b_gather_div : row);
     s_rows[n & 1][2][tid] = a.pair_ids ? id : row;
   };
-  // Issue the copies of step n's rows (and their scales) into stage st.
+  // Issue the copies of step n's rows (and their scales) into stage st. This thread copies
+  // the chunk at column c of rows r0, r0 + RSTEP, ... of every step.
+  constexpr int RSTEP = kThreads / (BM / V);
+  const int c = tid % (BM / V) * V, r0 = tid / (BM / V);
+  const bool a_in = k0 + c < a.KA, b_in = n0 + c < a.NB;  // the chunk's columns exist
   auto load = [&](int st, int64_t n) {
     T* sA = ring + st * kStageW;
     T* sU = sA + BK * LDAT;
     T* sB = sU + BK * LDAT;
-    for (int i = tid; i < BK * (BM / V); i += kThreads) {
-      const int r = i / (BM / V), c = (i % (BM / V)) * V;
+    for (int j = 0; j < BK / RSTEP; ++j) {
+      const int r = r0 + j * RSTEP;
       const int64_t arow = s_rows[n & 1][0][r], brow = s_rows[n & 1][1][r];
       if (c == 0 && a.scale)
         cp_async4(s_scale + st * BK + r, a.scale + (arow >= 0 ? s_rows[n & 1][2][r] : 0),
                   arow >= 0);
       for (int half = 0; half < (swiglu ? 2 : 1); ++half) {  // A, then the up half
-        const int64_t k = k0 + c;
         T* dst = (half ? sU : sA) + r * LDAT + c;
         if (vec_a) {
-          const bool in = arow >= 0 && k < a.KA;
-          cp_async16(dst, in ? A + arow * a.stride_am + k + half * a.KA : A, in);
+          const bool in = arow >= 0 && a_in;
+          cp_async16(dst, in ? A + arow * a.stride_am + k0 + c + half * a.KA : A, in);
         } else {
           for (int e = 0; e < V; ++e)
-            dst[e] = (arow >= 0 && k + e < a.KA)
-                         ? A[arow * a.stride_am + (k + e + half * a.KA) * a.stride_ak]
+            dst[e] = (arow >= 0 && k0 + c + e < a.KA)
+                         ? A[arow * a.stride_am + (k0 + c + e + half * a.KA) * a.stride_ak]
                          : from_f<T>(0.0f);
         }
       }
-      const int64_t col = n0 + c;
       T* dst = sB + r * LDB + c;
       if (vec_b) {
-        const bool in = brow >= 0 && col < a.NB;
-        cp_async16(dst, in ? B + brow * a.stride_bm + col : B, in);
+        const bool in = brow >= 0 && b_in;
+        cp_async16(dst, in ? B + brow * a.stride_bm + n0 + c : B, in);
       } else {
         for (int e = 0; e < V; ++e)
-          dst[e] = (brow >= 0 && col + e < a.NB) ? B[brow * a.stride_bm + (col + e) * a.stride_bn]
-                                                 : from_f<T>(0.0f);
+          dst[e] = (brow >= 0 && n0 + c + e < a.NB)
+                       ? B[brow * a.stride_bm + (n0 + c + e) * a.stride_bn]
+                       : from_f<T>(0.0f);
       }
     }
   };
