@@ -2,9 +2,9 @@
 // A-tile load and the activation / gate weight (forward) or the activation's derivative and
 // the gate gradient (backward, "dact") fused into the epilogue; and the per-expert weight
 // gradient. 128x128 output tiles, 256 threads: tensor cores through ldmatrix + mma.sync for
-// fp16/bf16 (fp32 accumulation), plain fp32 FMAs for fp32. The forward/dact kernel streams its A and B
-// tiles through a multi-stage shared-memory ring with 16-byte cp.async copies (scalar loads
-// where strides or alignment do not allow 16 bytes). B is staged n-fast or k-fast, following
+// fp16/bf16 (fp32 accumulation), plain fp32 FMAs for fp32. The forward/dact kernel streams its
+// A and B tiles through a multi-stage shared-memory ring with 16-byte cp.async copies (scalar
+// loads where strides or alignment do not allow 16 bytes). B is staged n-fast or k-fast, following
 // its unit stride (W or W^T), so global reads stay coalesced either way. Rows in expert-sorted
 // order: group g owns rows offsets[g] .. offsets[g+1]; the grid is sized by
 // cdiv(rows, 128) + groups M tiles (an upper bound, no host sync) and blocks past the last
@@ -224,7 +224,8 @@ struct TileLoader {
       T* dst = BT ? sB + n * LDBT + kk : sB + kk * LDB + n;
       for (int e = 0; e < V; ++e) {
         const int64_t col = bcol(a, col0, BT ? n : n + e), k = k0 + kk + (BT ? e : 0);
-        dst[e] = (col >= 0 && k < a.K) ? B[k * a.stride_bk + col * a.stride_bn] : from_f<T>(0.0f);
+        dst[e] = (col >= 0 && k < a.K) ? B[k * a.stride_bk + col * a.stride_bn]
+                                       : from_f<T>(0.0f);
       }
     }
   }
@@ -343,9 +344,9 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_kernel(GemmArgs a) {
   T* out = static_cast<T*>(a.c);
   T* pre = static_cast<T*>(a.preact);
   const T* bias = static_cast<const T*>(a.bias);
-  const bool two = SWIGLU;  // pre (and the dact output) hold [gate | up]: both halves aligned?
-  const bool vec_pre = rows16<T>(pre, a.stride_pm) && (!two || a.N % VE == 0);
-  const bool vec_out = DACT ? rows16<T>(out, a.stride_pm) && (!two || a.N % VE == 0)
+  // SwiGLU: pre (and the dact output) hold [gate | up], whose up half must align too
+  const bool vec_pre = rows16<T>(pre, a.stride_pm) && (!SWIGLU || a.N % VE == 0);
+  const bool vec_out = DACT ? rows16<T>(out, a.stride_pm) && (!SWIGLU || a.N % VE == 0)
                             : rows16<T>(out, a.stride_cm);
   for (int i = tid; i < BM * (BNO / VE); i += kThreads) {
     const int r = i / (BNO / VE), c = (i % (BNO / VE)) * VE;
@@ -361,7 +362,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_kernel(GemmArgs a) {
       if (SWIGLU) {
         float zu[VE];
         for (int e = 0; e < VE; ++e)
-          zu[e] = sC[r * LDC + c + BNO + e] + ((bias && e < n) ? to_f(bias[bofs + a.N + e]) : 0.0f);
+          zu[e] = sC[r * LDC + c + BNO + e] +
+                  ((bias && e < n) ? to_f(bias[bofs + a.N + e]) : 0.0f);
         if (pre) {
           store_chunk(pre + row * a.stride_pm + col, x, n, vec_pre);
           store_chunk(pre + row * a.stride_pm + a.N + col, zu, n, vec_pre);

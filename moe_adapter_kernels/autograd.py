@@ -143,11 +143,12 @@ def _routed_backward(kn, cfg, dz, u, prm, s, needs, grads, need_u):
 def _mlp_backward(kn, dc, a, pre, prm, cfg, needs, grads, need_a):
     """Gradients of the shared / aggregation MLP c = act(a @ W1 + b1) @ W2 + b2 given dc.
 
-    Only dc @ W2^T with the activation's backward fused runs in our kernels (in cuBLAS too, and
-    the activation's backward in PyTorch ops, where the op set says ``DENSE_VIA_CUBLAS``); the
-    other dense GEMMs go to cuBLAS (torch.matmul), which the issue allows for the shared expert and which
-    ran them at ~730 TFLOP/s against our kernels' 370-445 (H100, GPU session 2). The hidden
-    act(pre) for dW2 is recomputed after dpre is freed, so the peak memory does not grow."""
+    Only dc @ W2^T with the activation's backward fused runs in our kernels (where the op set
+    says ``DENSE_VIA_CUBLAS``, that too is cuBLAS, then the activation's backward in PyTorch
+    ops); the other dense GEMMs go to cuBLAS (torch.matmul), which the issue allows for the
+    shared expert and which ran them at ~730 TFLOP/s against our kernels' 370-445 (H100, GPU
+    session 2). The hidden act(pre) for dW2 is recomputed after dpre is freed, so the peak
+    memory does not grow."""
     act = cfg.shared_activation
     dact = torch_ops.linear_dact if getattr(kn, "DENSE_VIA_CUBLAS", False) else kn.linear_dact
     dpre = dact(dc, prm["shared_w2"], pre, act)
