@@ -177,3 +177,34 @@ def test_feature_fusion_with_and_without_tokens():
         f(x_enc, tokens[:, :1])
     with pytest.raises(ValueError, match="vocab_size"):
         FeatureFusion(FeatureFusionConfig(d_enc=32, d_model=24))(x_enc, tokens)
+
+
+@pytest.mark.parametrize("cls", ["moe", "dense"])
+def test_parametrized_weights_are_used(cls):
+    """The forward reads its weights by attribute, so a torch.nn.utils.parametrize'd weight is
+    used as its parametrization computes it (and gets its gradient), like nn.Linear's."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    if cls == "moe":
+        model = MoEAdapter(small_config(), backend="torch")
+        twin = MoEAdapter(small_config(), backend="torch")
+    else:
+        cfg = DenseAdapterConfig(d_in=72, hidden_dim=48, d_out=40)
+        model, twin = DenseAdapter(cfg), DenseAdapter(cfg)
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        twin.norm_in.weight.mul_(2)
+        twin.w2.mul_(2)
+    parametrize.register_parametrization(model.norm_in, "weight", Double())
+    parametrize.register_parametrization(model, "w2", Double())
+    x = torch.randn(9, 72)
+    y = model(x)
+    assert rel_err(y, twin(x)) < 1e-5
+    y.sum().backward()
+    assert model.parametrizations.w2.original.grad is not None
+    assert model.norm_in.parametrizations.weight.original.grad.abs().sum() > 0

@@ -55,6 +55,9 @@ def check_tensor(t: torch.Tensor, op: str, name: str, dim: int, dtypes=FLOAT_DTY
                  device: torch.device | None = None) -> None:
     """Raise TypeError/ValueError unless t is a tensor of ``dim`` dims, an allowed dtype, on
     ``device``, with a unit stride in its last dim."""
+    if (isinstance(t, torch.Tensor) and t.dim() == dim and t.dtype in dtypes
+            and (device is None or t.device == device) and (t.stride(-1) == 1 or not t.numel())):
+        return  # one expression on the common path: these checks run on every launch
     check(isinstance(t, torch.Tensor), op, "{} must be a tensor", name, exc=TypeError)
     check(t.dim() == dim, op, "{} must have {} dims, got shape {}", name, dim, tuple(t.shape))
     check(t.dtype in dtypes, op, "{} has dtype {}; expected one of {}", name, t.dtype, dtypes,

@@ -34,6 +34,7 @@ def device_key(index: int = 0) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(index).lower()).strip("-")
 
 
+@functools.lru_cache(maxsize=4096)  # built on every launch
 def shape_key(kernel: str, variant: str, dtype: torch.dtype, M: int, N: int, K: int) -> str:
     """Rows are bucketed to a power of two (128 at least) so nearby token counts share."""
     bucket = max(128, 1 << max(M - 1, 0).bit_length())
