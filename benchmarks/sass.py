@@ -96,32 +96,13 @@ def profile_cubin(cubin: Path) -> dict[str, dict]:
 
 
 def triton_rows(tmp: Path) -> list[dict]:
-    """Build the adapter's Triton GEMMs for sm_90 through JITFunction.run's warmup path, with
-    a stand-in driver that names an sm_90 device (nothing is launched)."""
+    """Build the adapter's Triton GEMMs for sm_90 as the GPU's JIT would (nothing runs)."""
     os.environ.pop("TRITON_INTERPRET", None)
     import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
 
-    class Sm90:
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-    built = []
-    run = JITFunction.run
-
-    def warmup_only(self, *args, grid, warmup, **kwargs):
-        built.append(run(self, *args, grid=grid, warmup=True, **kwargs))
-
+    from benchmarks.sm90 import jit_without_gpu
     from moe_adapter_kernels import MoEAdapterConfig
-    from moe_adapter_kernels.ops import _common, tuning
+    from moe_adapter_kernels.ops import tuning
     gg = importlib.import_module("moe_adapter_kernels.ops.grouped_gemm")
     wg = importlib.import_module("moe_adapter_kernels.ops.weight_grad")
     cfg = MoEAdapterConfig.preset("paper")
@@ -162,11 +143,7 @@ def triton_rows(tmp: Path) -> list[dict]:
          wg.wgrad_key(h, dz, offsets=off, pair_ids=sp)),
     ]
     rows = []
-    previous = driver._active  # None on a machine without a GPU
-    driver.set_active(Sm90())
-    JITFunction.run = warmup_only
-    interpreting, _common.interpreting = _common.interpreting, lambda: False
-    try:
+    with jit_without_gpu() as built:
         for name, launch, key in steps:
             config = {k2: v for k2, v in table.get(key, gg.default_config(dt)).items()
                       if k2 != "ms"}
@@ -178,10 +155,6 @@ def triton_rows(tmp: Path) -> list[dict]:
                 (prof,) = profile_cubin(cubin).values()
                 tile = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**config)
                 rows.append(dict(kernel=f"triton {name}", tile=tile, **prof))
-    finally:
-        JITFunction.run = run
-        _common.interpreting = interpreting
-        driver.set_active(previous)
     return rows
 
 
