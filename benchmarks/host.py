@@ -3,26 +3,30 @@ code does around the kernels, with every Triton launch replaced by a no-op.
 
 At small T the GPU finishes a kernel faster than the host issues the next, so this is what
 the eager T = 512 row pays (the dense adapter issues ~5 launches). Runs on any machine, GPU
-or not: CPU tensors, nothing computed (outputs are garbage). Triton's own launcher is
-stubbed out too, so the real per-forward host cost on a GPU is this plus, per launch,
-Triton's launcher and the driver (a few microseconds each); the launch count is printed.
-Backward is not measured here (its torch ops would do real work on garbage routing).
+or not: CPU tensors, nothing computed (outputs are garbage). By default Triton's own
+launcher is stubbed out too; ``--launcher`` keeps its Python side (argument binding and
+specialization, the cache lookup; the kernels are compiled for sm_90 on first use, see
+``benchmarks.sm90``) and stops where the driver would launch, so only the driver's own
+launch cost is missing. Backward is not measured here (its torch ops would do real work on
+garbage routing).
 
     python -m benchmarks.host --tokens 512 --iters 200
+    python -m benchmarks.host --launcher
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import sys
 import time
 
 
-def measure(tokens: int, iters: int, preset: str) -> dict:
+def measure(tokens: int, iters: int, preset: str, launcher: bool = False) -> dict:
     """Per forward over ``iters`` calls: {"total_us": median, "launches": count, "ops": {name:
-    mean us}}."""
+    mean us}}. ``launcher``: Triton's launch path up to the driver runs (else a no-op)."""
     if (os.environ.pop("TRITON_INTERPRET", None) == "1"
             and "moe_adapter_kernels.ops" in sys.modules):
         raise RuntimeError("benchmarks.host: the kernels were loaded under TRITON_INTERPRET=1; "
@@ -30,11 +34,10 @@ def measure(tokens: int, iters: int, preset: str) -> dict:
     import torch
     from triton.runtime.jit import JITFunction
 
+    from benchmarks.sm90 import jit_without_gpu
     from moe_adapter_kernels import MoEAdapter, MoEAdapterConfig, backends, ops  # noqa: F401
     from moe_adapter_kernels.autograd import EAGER_KERNELS
 
-    launches = collections.Counter()
-    JITFunction.run = lambda self, *a, **k: launches.update(["all"])
     backends.triton_status = lambda: (True, "launches stubbed by benchmarks.host")
     spent = collections.defaultdict(float)
     kernels = EAGER_KERNELS["triton"]
@@ -48,16 +51,23 @@ def measure(tokens: int, iters: int, preset: str) -> dict:
     model = MoEAdapter(MoEAdapterConfig.preset(preset), backend="triton")
     x = torch.randn(tokens, model.config.d_in)
     totals = []
-    with torch.no_grad():
-        for i in range(iters + 10):  # 10 warm-up calls
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        if launcher:
+            launched = stack.enter_context(jit_without_gpu())
+        else:
+            launched, run = [], JITFunction.run
+            JITFunction.run = lambda self, *a, **k: launched.append(None)
+            stack.callback(setattr, JITFunction, "run", run)
+        for i in range(iters + 10):  # 10 warm-up calls (with --launcher: the compiles)
             if i == 10:
                 spent.clear()
-                launches.clear()
+                first = len(launched)
             t0 = time.perf_counter()
             model(x)
             totals.append(time.perf_counter() - t0)
+        launches = (len(launched) - first) / iters
     totals = sorted(totals[10:])
-    return {"total_us": 1e6 * totals[len(totals) // 2], "launches": launches["all"] / iters,
+    return {"total_us": 1e6 * totals[len(totals) // 2], "launches": launches,
             "ops": {n: 1e6 * s / iters for n, s in sorted(spent.items(), key=lambda kv: -kv[1])}}
 
 
@@ -67,10 +77,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--preset", default="paper")
+    ap.add_argument("--launcher", action="store_true",
+                    help="keep Triton's launch path up to the driver (compiles for sm_90 once)")
     args = ap.parse_args(argv)
-    r = measure(args.tokens, args.iters, args.preset)
+    r = measure(args.tokens, args.iters, args.preset, args.launcher)
+    how = "run up to the driver" if args.launcher else "stubbed"
     print(f"host cost of one eager forward, T={args.tokens}, preset {args.preset}, Triton "
-          f"launches stubbed (mean per op over {args.iters} calls):")
+          f"launches {how} (mean per op over {args.iters} calls):")
     for name, us in r["ops"].items():
         if us:
             print(f"  {name:14s} {us:7.1f} us")

@@ -99,10 +99,12 @@ def test_bench_graphs_needs_a_gpu(capsys):
     assert "--graphs needs a CUDA GPU" in capsys.readouterr().err
 
 
-def test_host_overhead_tool_counts_every_launch():
+@pytest.mark.parametrize("launcher", [False, True])
+def test_host_overhead_tool_counts_every_launch(launcher):
     """benchmarks.host runs in its own process (it needs the compiled-path launchers, not the
     interpreter's) and sees the 9 launches of one forward of the paper preset (shared MLP:
-    norm, route, scan, permute, up, down, shared up and down, combine)."""
+    norm, route, scan, permute, up, down, shared up and down, combine); with --launcher
+    through Triton's own launch path (compiling each kernel for sm_90 once)."""
     import os
     import subprocess
     import sys
@@ -111,10 +113,13 @@ def test_host_overhead_tool_counts_every_launch():
     root = Path(__file__).parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.host", "--tokens", "64", "--iters",
-                           "3"], capture_output=True, text=True, env=env, cwd=root, timeout=600)
+                           "3"] + (["--launcher"] if launcher else []), capture_output=True,
+                          text=True, env=env, cwd=root, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "9 Triton launches per forward" in proc.stdout
+    assert ("run up to the driver" if launcher else "stubbed") in proc.stdout
     assert all(f"  {op} " in proc.stdout for op in ("route", "permute", "expert_up", "combine"))
 
 
