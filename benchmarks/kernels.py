@@ -12,7 +12,6 @@ copy ceilings (GEMMs against the former, the rest against the latter). Needs a C
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 
@@ -27,8 +26,6 @@ from moe_adapter_kernels.config import MOE_PRESETS
 def steps(model: MoEAdapter, x: torch.Tensor, kernels: str = "triton"):
     """(name, fn, flops, bytes) for every forward and backward step of op set ``kernels``
     ("triton" or "cuda"), on real routed data."""
-    importlib.import_module({"triton": "moe_adapter_kernels.ops",
-                             "cuda": "moe_adapter_kernels.cuda.ops"}[kernels])  # registers it
     ops = op_set(kernels)
     cfg, p = model.config, dict(model.named_parameters())
     T, d, k, E = x.shape[0], cfg.d_in, cfg.top_k, cfg.num_experts

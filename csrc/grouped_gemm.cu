@@ -129,6 +129,13 @@ __device__ __forceinline__ Tile find_tile(const int* offsets, int groups, int64_
   return {-1, 0, 0};
 }
 
+// Can every row of a [rows, ld] operand at p be accessed in 16-byte chunks from any column
+// that is a multiple of 16 / sizeof(T)?
+template <typename T>
+__device__ __forceinline__ bool rows16(const void* p, int64_t ld) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % (16 / sizeof(T)) == 0;
+}
+
 // Can an operand be copied in 16-byte chunks (V = 16 / sizeof(T) elements)? Its chunks run
 // along a unit stride over an extent that V divides, and the base and every other stride keep
 // each chunk 16-byte aligned.
@@ -136,8 +143,8 @@ template <typename T>
 __device__ __forceinline__ bool copy16(const void* base, int64_t unit_stride, int64_t extent,
                                        int64_t other_stride, int64_t group_stride = 0) {
   constexpr int V = 16 / sizeof(T);
-  return unit_stride == 1 && extent % V == 0 && other_stride % V == 0 && group_stride % V == 0 &&
-         reinterpret_cast<uintptr_t>(base) % 16 == 0;
+  return unit_stride == 1 && extent % V == 0 && group_stride % V == 0 &&
+         rows16<T>(base, other_stride);
 }
 
 // Copies 16-byte chunks (V elements) of the A rows and B columns of one K step into a stage
@@ -231,13 +238,6 @@ struct TileLoader {
   }
 };
 
-
-// Can every row of a [rows, ld] operand at p be accessed in 16-byte chunks from any column
-// that is a multiple of 16 / sizeof(T)?
-template <typename T>
-__device__ __forceinline__ bool rows16(const T* p, int64_t ld) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % (16 / sizeof(T)) == 0;
-}
 
 // True on a GPU; the emulator records a misaligned 16-byte access as a failure (and falls
 // back to element access, as a CPU would fault on the aligned vector instruction).

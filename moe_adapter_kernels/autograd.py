@@ -22,16 +22,19 @@ the same names and signatures.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from . import reference, torch_ops
 from .config import MoEAdapterConfig
 
-# Op sets by backend name; ``moe_adapter_kernels.ops`` adds "triton" and
-# ``moe_adapter_kernels.cuda.ops`` adds "cuda" when they are imported. EAGER_KERNELS holds,
-# where a set has them, the same ops' plain Python bodies, used outside torch.compile.
+# Op sets by backend name; the modules in OP_SET_MODULES add them when imported (op_set
+# imports them on first use). EAGER_KERNELS holds, where a set has them, the same ops' plain
+# Python bodies, used outside torch.compile.
 KERNELS: dict = {}
 EAGER_KERNELS: dict = {}
+OP_SET_MODULES = {"triton": "moe_adapter_kernels.ops", "cuda": "moe_adapter_kernels.cuda.ops"}
 
 PARAMS = ("w_gate", "w1", "b1", "w2", "b2", "shared_w1", "shared_b1", "shared_w2", "shared_b2",
           "norm_in.weight", "norm_in.bias", "norm_mid.weight", "norm_mid.bias",
@@ -41,6 +44,8 @@ PARAMS = ("w_gate", "w1", "b1", "w2", "b2", "shared_w1", "shared_b1", "shared_w2
 def op_set(kernels: str):
     """The ops of backend ``kernels``: the registered custom ops while torch.compile traces
     (they are what it can see through), else their eager bodies when the set has them."""
+    if kernels not in KERNELS:
+        importlib.import_module(OP_SET_MODULES[kernels])  # registers the set
     if not torch.compiler.is_compiling() and kernels in EAGER_KERNELS:
         return EAGER_KERNELS[kernels]
     return KERNELS[kernels]

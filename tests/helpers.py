@@ -2,6 +2,8 @@
 
 import contextlib
 import math
+import os
+from pathlib import Path
 
 import torch
 
@@ -9,6 +11,16 @@ from moe_adapter_kernels import MoEAdapterConfig
 from moe_adapter_kernels.check import rel_err  # noqa: F401  (re-exported for the tests)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compiler_env() -> dict:
+    """The environment of a subprocess that needs Triton's real compiler (not the interpreter)
+    and imports this checkout even without an install."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 # Config variants every backend is checked on (small_config overrides): topologies,

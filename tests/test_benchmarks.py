@@ -1,13 +1,15 @@
 """The benchmark code runs (small, on the CPU): every per-kernel step and the CLI."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from moe_adapter_kernels import MoEAdapter
 
-from helpers import small_config
+from helpers import ROOT, compiler_env, small_config
 
 
 @pytest.mark.parametrize("kernels", ["triton", "cuda"])
@@ -105,18 +107,10 @@ def test_host_overhead_tool_counts_every_launch(launcher):
     interpreter's) and sees the 9 launches of one forward of the paper preset (shared MLP:
     norm, route, scan, permute, up, down, shared up and down, combine); with --launcher
     through Triton's own launch path (compiling each kernel for sm_90 once)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
     pytest.importorskip("triton")
-    root = Path(__file__).parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.host", "--tokens", "64", "--iters",
                            "3"] + (["--launcher"] if launcher else []), capture_output=True,
-                          text=True, env=env, cwd=root, timeout=600)
+                          text=True, env=compiler_env(), cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "9 Triton launches per forward" in proc.stdout
     assert ("run up to the driver" if launcher else "stubbed") in proc.stdout
@@ -141,17 +135,10 @@ def test_sass_profile_of_the_gemms(tmp_path):
     Triton GEMMs on wgmma fed by async copies, the CUDA GEMMs on ldmatrix + mma.sync with no
     generic (WMMA-style) or spilled loads in the loop."""
     pytest.importorskip("triton")
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     out = tmp_path / "rows.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.sass", "--json", str(out)],
-                          cwd=root, capture_output=True, text=True, env=env, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, env=compiler_env(),
+                          timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     rows = {r["kernel"]: r for r in json.loads(out.read_text())}
     triton = [r for k, r in rows.items() if k.startswith("triton")]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from moe_adapter_kernels import reference
-from moe_adapter_kernels.autograd import KERNELS
+from moe_adapter_kernels.autograd import KERNELS, op_set
 
 from helpers import DEVICE, TOL, between_bands, rel_err
 
@@ -37,8 +37,7 @@ pytestmark = pytest.mark.usefixtures("poison")
 @pytest.fixture
 def kn(backend):
     """The op set of the backend under test."""
-    importlib.import_module({"triton": "moe_adapter_kernels.ops",
-                             "cuda": "moe_adapter_kernels.cuda.ops"}[backend])
+    op_set(backend)  # registers it
     return KERNELS[backend]
 
 
