@@ -12,6 +12,7 @@ copy ceilings (GEMMs against the former, the rest against the latter). Needs a C
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -23,10 +24,21 @@ from moe_adapter_kernels.autograd import op_set
 from moe_adapter_kernels.config import MOE_PRESETS
 
 
+def tuned_path(a, w, activation, preact=None) -> str:
+    """" [cuBLAS]" where the tuned table sends this dense launch (forward, or dact given
+    ``preact``) to cuBLAS (tuning.CUBLAS), else ""."""
+    # the module, not the function of the same name that moe_adapter_kernels.ops exports
+    gg = importlib.import_module("moe_adapter_kernels.ops.grouped_gemm")
+    key = (gg.fwd_key(a, w, activation=activation) if preact is None
+           else gg.dact_key(a, w, preact, activation))
+    return " [cuBLAS]" if gg.pick_config(key, a).get("path") == "cublas" else ""
+
+
 def steps(model: MoEAdapter, x: torch.Tensor, kernels: str = "triton"):
     """(name, fn, flops, bytes) for every forward and backward step of op set ``kernels``
     ("triton" or "cuda"), on real routed data."""
     ops = op_set(kernels)
+    path = tuned_path if kernels == "triton" else (lambda *_: "")
     cfg, p = model.config, dict(model.named_parameters())
     T, d, k, E = x.shape[0], cfg.d_in, cfg.top_k, cfg.num_experts
     F, Fu, D, S = cfg.expert_dim, cfg.expert_up, cfg.expert_out, cfg.shared_dim
@@ -64,10 +76,16 @@ def steps(model: MoEAdapter, x: torch.Tensor, kernels: str = "triton"):
          2 * P * d * Fu, T * d * b + E * d * Fu * b + P * F * b),
         ("expert_down", lambda: ops.expert_down(h, p["w2"], sp, off, gates), 2 * P * F * D,
          P * F * b + E * F * D * b + P * D * b),
-        ("shared_up", lambda: ops.linear(u, p["shared_w1"], "silu"), 2 * T * d * S,
+        (f"shared_up{path(u, p['shared_w1'], 'silu')}",
+         lambda: ops.linear(u, p["shared_w1"], "silu"), 2 * T * d * S,
          T * d * b + d * S * b + T * S * b),
-        ("shared_down", lambda: ops.linear(hs, p["shared_w2"], "identity"), 2 * T * S * D,
+        ("shared_up cuBLAS+torch ops", lambda: torch_ops.linear(u, p["shared_w1"], "silu"),
+         2 * T * d * S, T * d * b + d * S * b + T * S * b),
+        (f"shared_down{path(hs, p['shared_w2'], 'identity')}",
+         lambda: ops.linear(hs, p["shared_w2"], "identity"), 2 * T * S * D,
          T * S * b + S * D * b + T * D * b),
+        ("shared_down cuBLAS", lambda: torch_ops.linear(hs, p["shared_w2"], "identity"),
+         2 * T * S * D, T * S * b + S * D * b + T * D * b),
         ("combine", lambda: ops.combine(yp, dz, k, cfg.norm, p["norm_out.weight"],
                                         p.get("norm_out.bias"), cfg.norm_eps), 0,
          (P * D + 2 * T * D) * b),
@@ -84,9 +102,10 @@ def steps(model: MoEAdapter, x: torch.Tensor, kernels: str = "triton"):
          2 * P * d * Fu, (P * d + P * Fu + E * d * Fu) * b),
         ("bwd expert_dx", lambda: ops.expert_dx(dpre, p["w1"], sp, off), 2 * P * Fu * d,
          (P * Fu + E * d * Fu + P * d) * b),
-        ("bwd shared_dact", lambda: ops.linear_dact(dz, p["shared_w2"], pre_s, "silu"),
+        (f"bwd shared_dact{path(dz, p['shared_w2'], 'silu', pre_s)}",
+         lambda: ops.linear_dact(dz, p["shared_w2"], pre_s, "silu"),
          2 * T * D * S, (T * D + S * D + 2 * T * S) * b),
-        ("bwd shared_dact cuBLAS+torch ops (cuda backend's)",
+        ("bwd shared_dact cuBLAS+torch ops",
          lambda: torch_ops.linear_dact(dz, p["shared_w2"], pre_s, "silu"),
          2 * T * D * S, (T * D + S * D + 2 * T * S) * b),
         # the shared MLP's other backward GEMMs run in cuBLAS (see autograd._mlp_backward)

@@ -1,8 +1,9 @@
 """Tune the GEMM tile configs on this GPU and commit them (moe_adapter_kernels/ops/tuned/).
 
 Runs one forward and backward of the adapter per token count while recording every GEMM
-launch, times each of ``tuning.CANDIDATES`` for each distinct launch shape, and writes the
-fastest per (kernel, variant, dtype, N, K, row bucket) to ``ops/tuned/<device>.json``.
+launch, times each of ``tuning.candidates(key)`` (the tile configs, plus cuBLAS for the shared
+MLP's dense launches) for each distinct launch shape, and writes the fastest per (kernel,
+variant, dtype, N, K, row bucket) to ``ops/tuned/<device>.json``.
 
     python -m benchmarks.tune --tokens 512 2048 8192 32768 65536
 """

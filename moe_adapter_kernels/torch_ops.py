@@ -1,7 +1,9 @@
-"""Some of the Triton set's backward ops (``input_grad``, ``gate_grad``,
-``scaled_activation``, ``linear_dact``; see their docstrings in ``moe_adapter_kernels.ops``)
-written as PyTorch ops, with the same signatures and results up to rounding. The CUDA
-extension's op set uses these; the kernels benchmark times them against the Triton kernels."""
+"""Some of the Triton set's ops (``linear``, ``linear_dact``, ``input_grad``, ``gate_grad``,
+``scaled_activation``; see their docstrings in ``moe_adapter_kernels.ops``) written as PyTorch
+ops, with the same signatures and results up to rounding. The CUDA extension's op set uses
+these; the Triton set runs its dense GEMMs (``linear``, ``linear_dact``) through them where the
+tuned table says cuBLAS is the faster on this device and shape; the kernels benchmark times
+them against the Triton kernels."""
 
 from __future__ import annotations
 
@@ -51,15 +53,27 @@ def scaled_activation(pre, activation: str, gates, sorted_pair):
     return h.mul_(gates.reshape(-1)[sorted_pair.long()][:, None])
 
 
+def linear(a, w, activation: str, save_preact: bool = False, bias=None):
+    """(act(a @ w + bias), a @ w + bias when ``save_preact`` else empty): the GEMM in cuBLAS,
+    the activation in PyTorch ops (SwiGLU: w holds [gate | up])."""
+    pre = a @ w if bias is None else torch.addmm(bias, a, w)
+    out = reference.activation(pre, activation)
+    if not save_preact:
+        return out, a.new_empty(0)
+    return (out.clone() if out is pre else out), pre  # an op's outputs may not alias
+
+
 def linear_dact(dc, w, preact, activation: str):
     """d act(preact) given act(preact) @ w received dc: dc @ w^T in cuBLAS, then the
     activation's backward in PyTorch ops. [T, F] (SwiGLU: [T, 2F], gate half first)."""
     dh = dc @ w.t()
-    if activation == "identity":
+    if activation in ("identity", "none"):
         return dh
     if activation == "gelu":
         return torch.ops.aten.gelu_backward(dh, preact)
     if activation == "silu":
         return torch.ops.aten.silu_backward(dh, preact)
+    if activation != "swiglu":
+        raise ValueError(f"torch_ops.linear_dact: unknown activation {activation!r}")
     gate, up = preact.chunk(2, dim=-1)
     return torch.cat([torch.ops.aten.silu_backward(dh * up, gate), dh * F.silu(gate)], dim=-1)

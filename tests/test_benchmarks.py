@@ -28,7 +28,10 @@ def test_every_kernel_step_runs(kernels):
         for name, fn, flops, nbytes in table:
             fn()
             assert nbytes > 0 and flops >= 0, name
-    assert {"route", "permute", "expert_up", "expert_down", "combine"} <= {t[0] for t in table}
+    names = [t[0] for t in table]
+    assert len(set(names)) == len(names)
+    assert {"route", "permute", "expert_up", "expert_down", "combine", "shared_up",
+            "shared_up cuBLAS+torch ops", "bwd shared_dact"} <= set(names)
 
 
 def test_bench_cli_on_cpu(tmp_path, capsys):
@@ -59,8 +62,9 @@ def test_bench_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
 
 
 def test_tuning_records_picks_and_saves(tmp_path, monkeypatch):
-    """tune_model visits every GEMM launch shape of a forward+backward, keeps the fastest
-    candidate (a fake timer here), and the table round-trips through its JSON file."""
+    """tune_model visits every GEMM launch shape of a forward+backward, races the tile
+    candidates (and cuBLAS for the dense launches), keeps the fastest (a fake timer here), and
+    the table round-trips through its JSON file."""
     pytest.importorskip("triton")
     from benchmarks.tune import tune_model
     from moe_adapter_kernels.ops import tuning
@@ -69,24 +73,33 @@ def test_tuning_records_picks_and_saves(tmp_path, monkeypatch):
     tuning.table.cache_clear()
     torch.manual_seed(0)
     model = MoEAdapter(small_config(expert_activation="swiglu"), backend="triton")
-    timed = []
+    queued, timed = [], []
+    candidates = tuning.candidates
+    monkeypatch.setattr(tuning, "candidates", lambda key: queued.extend(candidates(key))
+                        or candidates(key))
 
-    def fake_timer(fn):  # runs the candidate, then prefers BLOCK_N=64, BLOCK_K=32
+    def fake_timer(fn):  # runs the candidate, then prefers cuBLAS, else BLOCK_N=64, BLOCK_K=32
         fn()
-        cfg = tuning.CANDIDATES[len(timed) % len(tuning.CANDIDATES)]
+        cfg = queued.pop(0)
         timed.append(cfg)
+        if cfg == tuning.CUBLAS:
+            return 0.5
         return 1.0 if (cfg["BLOCK_N"], cfg["BLOCK_K"]) == (64, 32) else 2.0
 
     try:
         n = tune_model(model, [40], "fake-gpu", fake_timer, log=lambda s: None)
         # up, down, shared up/down; dact expert/shared; expert dx; the experts' weight
         # gradients (the shared MLP's other backward GEMMs run in cuBLAS)
-        assert n == 9
+        assert n == 9 and not queued
+        assert len(timed) == 9 * len(tuning.CANDIDATES) + 3  # cuBLAS: shared up, down, dact
         path = tuning.save("fake-gpu")
         tuning.table.cache_clear()
         saved = tuning.table("fake-gpu")
         assert path.exists() and len(saved) == 9
-        assert all((c["BLOCK_N"], c["BLOCK_K"]) == (64, 32) for c in saved.values())
+        dense = {k: v for k, v in saved.items() if "|dense-" in k}
+        assert len(dense) == 3 and all(v == dict(tuning.CUBLAS, ms=0.5) for v in dense.values())
+        assert all((c["BLOCK_N"], c["BLOCK_K"]) == (64, 32) for k, c in saved.items()
+                   if k not in dense)
         assert "fwd|grouped-swiglu|float32|N24|K72|M256" in saved  # 40 tokens x 4 slots
         assert "wgrad|grouped-identity|float32|N40|K24|M256" in saved  # dW2 on g*act(pre)
     finally:

@@ -435,6 +435,38 @@ def test_torch_linear_dact_is_the_activation_backward(activation, dtype):
     assert rel_err(got, lp.grad) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["none", "silu", "swiglu", "gelu"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_triton_dense_launches_on_the_cublas_path(activation, bias, dtype):
+    """A dense launch whose tuned entry is tuning.CUBLAS (the tuner races it against the
+    tiles for the shared MLP's shapes) runs in cuBLAS + PyTorch ops with the same results;
+    a routed launch refuses it."""
+    ops = pytest.importorskip("moe_adapter_kernels.ops")
+    from moe_adapter_kernels.ops import tuning
+    M, K, N = 37, 40, 48
+    a, w = randn(M, K, dtype=dtype), randn(K, N, dtype=dtype, scale=0.3)
+    b = randn(N, dtype=dtype) if bias else None
+    pre_ref = a.float() @ w.float() + (b.float() if bias else 0)
+    c, pre = ops.grouped_gemm(a, w, activation=activation, save_preact=True, bias=b,
+                              config=tuning.CUBLAS)
+    assert c.dtype == pre.dtype == dtype and c.data_ptr() != pre.data_ptr()
+    assert rel_err(pre, pre_ref) < TOL[dtype]
+    assert rel_err(c, reference.activation(pre_ref, activation)) < TOL[dtype]
+    c_only = ops.grouped_gemm(a, w, activation=activation, bias=b, config=tuning.CUBLAS)
+    assert torch.equal(c_only, c)
+    n = N // 2 if activation == "swiglu" else N
+    w2, dc = randn(n, 24, dtype=dtype, scale=0.3), randn(M, 24, dtype=dtype)
+    lp = pre_ref.requires_grad_(True)
+    (reference.activation(lp, activation) @ w2.float() * dc.float()).sum().backward()
+    dpre = ops.grouped_dact(dc, w2, pre, activation, config=tuning.CUBLAS)
+    assert dpre.shape == pre.shape and rel_err(dpre, lp.grad) < TOL[dtype]
+    ids, sorted_pair, offsets = routing_case(10, 4, 2)
+    with pytest.raises(ValueError, match="cuBLAS path takes dense launches only"):
+        ops.grouped_gemm(a[:10], randn(4, K, N, dtype=dtype), offsets=offsets,
+                         pair_ids=sorted_pair, gather_div=2, config=tuning.CUBLAS)
+
+
 def test_grouped_mlp_is_up_then_down():
     ops = pytest.importorskip("moe_adapter_kernels.ops")
     ids, sorted_pair, offsets = routing_case(33, 8, 4)

@@ -219,6 +219,30 @@ def test_triton_and_cuda_backends_agree(dtype):
         assert rel_err(g_cu[name], g_tri[name]) < TOL[dtype] * (3 if name != "y" else 1), name
 
 
+@pytest.mark.parametrize("T", [1, 4099])
+def test_triton_shared_mlp_on_the_tuned_cublas_path(T, monkeypatch):
+    """Where the tuned table sends the shared MLP's dense launches to cuBLAS (tuning.CUBLAS,
+    what benchmarks.tune picks when it is faster), the Triton backend takes that path and
+    still matches the reference, forward and backward."""
+    pytest.importorskip("triton")
+    from moe_adapter_kernels import torch_ops
+    from moe_adapter_kernels.ops import tuning
+    lookup, linear, calls = tuning.lookup, torch_ops.linear, []
+    monkeypatch.setattr(tuning, "lookup", lambda dev, key: (
+        dict(tuning.CUBLAS) if "|dense-" in key else lookup(dev, key)))
+    monkeypatch.setattr(torch_ops, "linear", lambda *a: calls.append(1) or linear(*a))
+    cfg = MoEAdapterConfig.paper()
+    ref, tri = pair(cfg, torch.bfloat16, "triton")
+    x = torch.randn(T, cfg.d_in, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(T, cfg.d_out, device="cuda")
+    g_ref, g_tri = grads(ref, x, dy), grads(tri, x, dy)
+    assert len(calls) == 2  # shared up and down
+    assert routed_rows_agree(ref, tri).float().mean() > 0.99
+    for name in g_ref:
+        assert rel_err(g_tri[name], g_ref[name]) < TOL[torch.bfloat16] * (3 if name != "y"
+                                                                           else 1), name
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("T", [1, 4099])
 def test_triton_backward_glue_matches_torch_ops_at_paper_sizes(dtype, T):

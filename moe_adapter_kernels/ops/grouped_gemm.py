@@ -4,7 +4,8 @@ A-load and the activation / gate weight fused into the epilogue.
 Rows are in expert-sorted order: expert g owns rows offsets[g] .. offsets[g+1]. The grid is
 sized by an upper bound on the number of M tiles, cdiv(rows, BLOCK_M) + groups, so no host
 sync is needed; programs past the last tile exit at once. With ``offsets=None`` it is a plain
-dense GEMM (one group of all rows), used for the shared / aggregation MLP.
+dense GEMM (one group of all rows), used for the shared / aggregation MLP; a dense launch whose
+tuned entry is ``tuning.CUBLAS`` runs in cuBLAS and PyTorch ops instead (``torch_ops``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import torch_ops
 from . import tuning
 from ._common import cdiv, check, check_tensor, custom_op, dot_in_fp32, interpreting, pow2
 
@@ -266,6 +268,16 @@ def pick_config(key: str, a: torch.Tensor) -> dict:
     return default_config(a.dtype)
 
 
+def _via_cublas(op: str, cfg: dict, routed) -> bool:
+    """Whether ``cfg`` (a tuned entry) sends this dense launch to cuBLAS + PyTorch ops
+    (``tuning.CUBLAS``); only plain dense GEMMs can go there."""
+    if cfg.get("path") != "cublas":
+        return False
+    check(not routed, op, "the cuBLAS path takes dense launches only (no groups, pairs or "
+          "gates)")
+    return True
+
+
 def _check_gemm(op, a, b, offsets, activation, pair_ids, needs_pairs):
     check_tensor(a, op, "a", 2)
     grouped = offsets is not None
@@ -306,14 +318,17 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, *, offsets: torch.Tensor | No
     groups, bs = _check_gemm(op, a, b, offsets, activation, pair_ids, needs_pairs)
     n_out = b.shape[-1] // 2 if activation == "swiglu" else b.shape[-1]
     M = pair_ids.shape[0] if groups else a.shape[0]
-    out = torch.empty(M, n_out, device=a.device, dtype=a.dtype)
-    preact = torch.empty(M, b.shape[-1], device=a.device, dtype=a.dtype) if save_preact else None
     if bias is not None:
         check(bias.shape[-1] == b.shape[-1] and bias.dim() == (2 if groups else 1) and
               bias.stride(-1) == 1, op, "bias must be [{}{}] and contiguous, got {}",
               "G, " if groups else "", b.shape[-1], tuple(bias.shape))
     cfg = dict(config or pick_config(fwd_key(a, b, offsets=offsets, pair_ids=pair_ids,
                                              activation=activation), a))
+    if _via_cublas(op, cfg, groups or needs_pairs):
+        out, preact = torch_ops.linear(a, b, activation, save_preact, bias)
+        return (out, preact) if save_preact else out
+    out = torch.empty(M, n_out, device=a.device, dtype=a.dtype)
+    preact = torch.empty(M, b.shape[-1], device=a.device, dtype=a.dtype) if save_preact else None
     if M and n_out:
         grid = ((cdiv(M, cfg["BLOCK_M"]) + groups) * cdiv(n_out, cfg["BLOCK_N"]),)
         _grouped_gemm_kernel[grid](
@@ -348,6 +363,8 @@ def grouped_dact(dc: torch.Tensor, w: torch.Tensor, preact: torch.Tensor, activa
     M = preact.shape[0]
     cfg = dict(config or pick_config(dact_key(dc, w, preact, activation, offsets=offsets),
                                      dc))
+    if _via_cublas(op, cfg, groups or gather_div > 0 or gate is not None):
+        return torch_ops.linear_dact(dc, w, preact, activation)
     n_tiles = cdiv(F, cfg["BLOCK_N"])
     dpre = torch.empty_like(preact)
     dgate_part = (torch.empty(gate.numel(), n_tiles, device=dc.device, dtype=torch.float32)

@@ -3,7 +3,9 @@
 
 ``python -m benchmarks.tune`` (on a GPU) times the few :data:`CANDIDATES` for every GEMM of
 the adapter at the given token counts and writes the winners; the launchers look them up by
-(kernel, variant, dtype, N, K, row bucket) and fall back to ``default_config``.
+(kernel, variant, dtype, N, K, row bucket) and fall back to ``default_config``. Dense launches
+(the shared MLP's) also race :data:`CUBLAS`, the same GEMM in cuBLAS with the epilogue in
+PyTorch ops, so each shape runs on whichever this device runs faster.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ CANDIDATES = [
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
 ]
+
+CUBLAS = dict(path="cublas")
+
+
+def candidates(key: str) -> list:
+    """The configs :func:`tune` times for ``key``: tiles, plus cuBLAS for dense launches."""
+    return CANDIDATES + [CUBLAS] if key.split("|")[1].startswith("dense-") else CANDIDATES
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,10 +62,10 @@ def lookup(device: str, key: str) -> dict | None:
 
 
 def tune(device: str, key: str, run, timer) -> dict:
-    """Time ``run(config)`` for every candidate with ``timer(fn) -> ms``; record and return
-    the fastest. Candidates that fail to compile or launch are skipped."""
+    """Time ``run(config)`` for every one of :func:`candidates` with ``timer(fn) -> ms``;
+    record and return the fastest. Candidates that fail to compile or launch are skipped."""
     best, best_ms = None, float("inf")
-    for cfg in CANDIDATES:
+    for cfg in candidates(key):
         try:
             ms = timer(lambda: run(cfg))
         except Exception:  # e.g. out of shared memory for this tile shape
