@@ -34,6 +34,12 @@ def tuned_path(a, w, activation, preact=None) -> str:
     return " [cuBLAS]" if gg.pick_config(key, a).get("path") == "cublas" else ""
 
 
+def n_fast(w: torch.Tensor) -> torch.Tensor:
+    """w (same shape and values) stored with its last two dims swapped, so that the
+    transposed view the backward GEMMs read is contiguous."""
+    return w.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
 def steps(model: MoEAdapter, x: torch.Tensor, kernels: str = "triton"):
     """(name, fn, flops, bytes) for every forward and backward step of op set ``kernels``
     ("triton" or "cuda"), on real routed data."""
@@ -67,6 +73,19 @@ def steps(model: MoEAdapter, x: torch.Tensor, kernels: str = "triton"):
     _, mean_o, rstd_o, z = ops.combine(yp, dz, k, cfg.norm, p["norm_out.weight"],
                                        p.get("norm_out.bias"), cfg.norm_eps, True)
     ig_bytes = (P * d + 3 * T * d) * b + T * (4 * k * 4 + 2 * E * 4)
+    probes = []
+    if kernels == "triton":
+        # The backward reads the weights transposed (k-fast B); these rows time the same GEMMs
+        # on a copy laid out n-fast, as the forward reads its B, to see what the layout costs.
+        w1n, w2n, ws2n = (n_fast(p[n]) for n in ("w1", "w2", "shared_w2"))
+        probes = [
+            ("bwd expert_dact (W2 copy, n-fast)", lambda: ops.expert_dact(
+                dz, w2n, pre, sp, off, gates, k, cfg.expert_activation),
+             2 * P * D * F, (T * D + E * F * D + 2 * P * Fu) * b),
+            ("bwd expert_dx (W1 copy, n-fast)", lambda: ops.expert_dx(dpre, w1n, sp, off),
+             2 * P * Fu * d, (P * Fu + E * d * Fu + P * d) * b),
+            ("bwd shared_dact (W2 copy, n-fast)", lambda: ops.linear_dact(dz, ws2n, pre_s, "silu"),
+             2 * T * D * S, (T * D + S * D + 2 * T * S) * b)]
     return [
         ("norm_in", lambda: ops.norm(x, w_in, b_in, cfg.norm, cfg.norm_eps), 0, 2 * T * d * b),
         ("route", lambda: ops.route(u, p["w_gate"], k), 2 * T * d * E,
@@ -124,7 +143,7 @@ def steps(model: MoEAdapter, x: torch.Tensor, kernels: str = "triton"):
         ("bwd gate_grad", lambda: ops.gate_grad(u, dl), 2 * T * d * E, T * d * b + T * E * 4),
         ("bwd gate_grad torch ops", lambda: torch_ops.gate_grad(u, dl), 2 * T * d * E,
          T * d * b + T * E * 4),
-    ]
+    ] + probes
 
 
 def main(argv=None) -> int:

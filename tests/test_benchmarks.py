@@ -9,7 +9,7 @@ import torch
 
 from moe_adapter_kernels import MoEAdapter
 
-from helpers import ROOT, compiler_env, small_config
+from helpers import ROOT, compiler_env, rel_err, small_config
 
 
 @pytest.mark.parametrize("kernels", ["triton", "cuda"])
@@ -30,6 +30,13 @@ def test_every_kernel_step_runs(kernels):
             assert nbytes > 0 and flops >= 0, name
     names = [t[0] for t in table]
     assert len(set(names)) == len(names)
+    fns = {t[0]: t[1] for t in table}
+    for probe in [n for n in names if "copy, n-fast" in n]:  # same GEMM, weights laid out anew
+        base = probe.split(" (")[0]
+        got, want = fns[probe](), fns.get(base, fns.get(base + " [cuBLAS]"))()
+        for g, w in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want))):
+            assert rel_err(g, w) < 1e-5, probe
+    assert kernels == "cuda" or sum("n-fast" in n for n in names) == 3
     assert {"route", "permute", "expert_up", "expert_down", "combine", "shared_up",
             "shared_up cuBLAS+torch ops", "bwd shared_dact"} <= set(names)
 
