@@ -150,8 +150,8 @@ def _mlp_backward(kn, dc, a, pre, prm, cfg, needs, grads, need_a):
     the activation's backward in PyTorch ops, where the op set says ``DENSE_VIA_CUBLAS`` or
     the tuned table says cuBLAS is the faster for this shape); the other dense GEMMs go to
     cuBLAS (torch.matmul), which the issue allows for the shared expert and which ran them at
-    ~730 TFLOP/s against our kernels' 370-445 (H100, GPU session 2). The hidden act(pre) for dW2 is recomputed after dpre is freed, so the peak
-    memory does not grow."""
+    ~730 TFLOP/s against our kernels' 370-445 (H100, GPU session 2). The hidden act(pre) for
+    dW2 is recomputed after dpre is freed, so the peak memory does not grow."""
     act = cfg.shared_activation
     dact = torch_ops.linear_dact if getattr(kn, "DENSE_VIA_CUBLAS", False) else kn.linear_dact
     dpre = dact(dc, prm["shared_w2"], pre, act)

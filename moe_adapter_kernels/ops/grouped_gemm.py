@@ -311,7 +311,8 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, *, offsets: torch.Tensor | No
     pair // gather_div; ``scatter`` writes C row pair instead of the sorted row; ``scale`` [P]
     multiplies each row by scale[pair]. ``bias`` [G, Nb] or [Nb] is added before the
     activation. ``save_preact`` also returns the pre-activation [M, Nb] in sorted rows (for the
-    backward): (C, preact).
+    backward): (C, preact). ``config``: tile config (default: the tuned one for this device
+    and shape), or ``tuning.CUBLAS`` for a dense launch in cuBLAS.
     """
     op = "grouped_gemm"
     needs_pairs = gather_div > 0 or scatter or scale is not None
@@ -352,6 +353,7 @@ def grouped_dact(dc: torch.Tensor, w: torch.Tensor, preact: torch.Tensor, activa
     dc: [Ma, N] upstream gradient (rows gathered by pair // gather_div when > 0); w: [G, F, N]
     or [F, N] (the forward weight; transposed here through strides); preact: Z [M, F'].
     Returns dZ [M, F'] and, with ``gate`` [P] (flattened topk weights), dgate [P] fp32.
+    ``config`` as in :func:`grouped_gemm`.
     """
     op = "grouped_dact"
     wt = w.transpose(-1, -2)
