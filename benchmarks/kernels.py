@@ -73,28 +73,7 @@ def steps(model: MoEAdapter, x: torch.Tensor, kernels: str = "triton"):
     _, mean_o, rstd_o, z = ops.combine(yp, dz, k, cfg.norm, p["norm_out.weight"],
                                        p.get("norm_out.bias"), cfg.norm_eps, True)
     ig_bytes = (P * d + 3 * T * d) * b + T * (4 * k * 4 + 2 * E * 4)
-    probes = []
-    if kernels == "triton":
-        # Probes of the backward's slower GEMMs. They read the weights transposed (k-fast B):
-        # the same GEMMs on copies laid out n-fast, as the forward reads its B.
-        w1n, w2n, ws2n = (n_fast(p[n]) for n in ("w1", "w2", "shared_w2"))
-        gemm = importlib.import_module("moe_adapter_kernels.ops").grouped_gemm
-        probes = [
-            ("bwd expert_dact (W2 copy, n-fast)", lambda: ops.expert_dact(
-                dz, w2n, pre, sp, off, gates, k, cfg.expert_activation),
-             2 * P * D * F, (T * D + E * F * D + 2 * P * Fu) * b),
-            ("bwd expert_dx (W1 copy, n-fast)", lambda: ops.expert_dx(dpre, w1n, sp, off),
-             2 * P * Fu * d, (P * Fu + E * d * Fu + P * d) * b),
-            ("bwd shared_dact (W2 copy, n-fast)", lambda: ops.linear_dact(dz, ws2n, pre_s, "silu"),
-             2 * T * D * S, (T * D + S * D + 2 * T * S) * b),
-            # and without their epilogues (pre-activation load, act', gate partials): the same
-            # GEMM writing dh (default tiles)
-            ("bwd expert_dact GEMM alone", lambda: gemm(
-                dz, p["w2"].transpose(1, 2), offsets=off, pair_ids=sp, gather_div=k),
-             2 * P * D * F, (T * D + E * F * D + P * F) * b),
-            ("bwd shared_dact GEMM alone", lambda: gemm(dz, p["shared_w2"].t()),
-             2 * T * D * S, (T * D + S * D + T * S) * b)]
-    return [
+    rows = [
         ("norm_in", lambda: ops.norm(x, w_in, b_in, cfg.norm, cfg.norm_eps), 0, 2 * T * d * b),
         ("route", lambda: ops.route(u, p["w_gate"], k), 2 * T * d * E,
          T * d * b + T * E * 4 + P * 8),
@@ -151,7 +130,30 @@ def steps(model: MoEAdapter, x: torch.Tensor, kernels: str = "triton"):
         ("bwd gate_grad", lambda: ops.gate_grad(u, dl), 2 * T * d * E, T * d * b + T * E * 4),
         ("bwd gate_grad torch ops", lambda: torch_ops.gate_grad(u, dl), 2 * T * d * E,
          T * d * b + T * E * 4),
-    ] + probes
+    ]
+    if kernels != "triton":
+        return rows
+    # Probes of the backward's slower GEMMs. They read the weights transposed (k-fast B):
+    # the same GEMMs on copies laid out n-fast, as the forward reads its B (same counts as the
+    # row they copy) ...
+    row_counts = {name.split(" [")[0]: (flops, nbytes) for name, _, flops, nbytes in rows}
+    w1n, w2n, ws2n = (n_fast(p[n]) for n in ("w1", "w2", "shared_w2"))
+    n_fast_rows = [
+        ("bwd expert_dact", "W2", lambda: ops.expert_dact(dz, w2n, pre, sp, off, gates, k,
+                                                          cfg.expert_activation)),
+        ("bwd expert_dx", "W1", lambda: ops.expert_dx(dpre, w1n, sp, off)),
+        ("bwd shared_dact", "W2", lambda: ops.linear_dact(dz, ws2n, pre_s, "silu"))]
+    rows += [(f"{base} ({w} copy, n-fast)", fn, *row_counts[base])
+             for base, w, fn in n_fast_rows]
+    # ... and the dact GEMMs without their epilogues (pre-activation load, act', gate
+    # partials): the same GEMM writing dh (default tiles)
+    gemm = importlib.import_module("moe_adapter_kernels.ops").grouped_gemm
+    return rows + [
+        ("bwd expert_dact GEMM alone", lambda: gemm(
+            dz, p["w2"].transpose(1, 2), offsets=off, pair_ids=sp, gather_div=k),
+         2 * P * D * F, (T * D + E * F * D + P * F) * b),
+        ("bwd shared_dact GEMM alone", lambda: gemm(dz, p["shared_w2"].t()),
+         2 * T * D * S, (T * D + S * D + T * S) * b)]
 
 
 def main(argv=None) -> int:

@@ -71,11 +71,17 @@ def _norm_grad(kn, dy, x, prm, pos, mean, rstd, cfg, grads):
     return dx
 
 
+def _dense(kn):
+    """Where the shared MLP's ``linear`` / ``linear_dact`` come from: the op set, or cuBLAS +
+    PyTorch ops (``torch_ops``) where the set says its own dense GEMM is the slower
+    (``DENSE_VIA_CUBLAS``)."""
+    return torch_ops if getattr(kn, "DENSE_VIA_CUBLAS", False) else kn
+
+
 def _shared_mlp(kn, a, prm, cfg, save):
-    """(S(a), pre-activation) of the shared / aggregation MLP: in the op set's dense GEMM
-    with the activation fused, or in cuBLAS where the set says its own dense GEMM is the
-    slower (``DENSE_VIA_CUBLAS``)."""
-    linear = torch_ops.linear if getattr(kn, "DENSE_VIA_CUBLAS", False) else kn.linear
+    """(S(a), pre-activation) of the shared / aggregation MLP, its GEMMs from :func:`_dense`
+    (the activation fused into the first)."""
+    linear = _dense(kn).linear
     h, pre = linear(a, prm["shared_w1"], cfg.shared_activation, save, prm["shared_b1"])
     return linear(h, prm["shared_w2"], "identity", False, prm["shared_b2"])[0], pre
 
@@ -146,15 +152,14 @@ def _routed_backward(kn, cfg, dz, u, prm, s, needs, grads, need_u):
 def _mlp_backward(kn, dc, a, pre, prm, cfg, needs, grads, need_a):
     """Gradients of the shared / aggregation MLP c = act(a @ W1 + b1) @ W2 + b2 given dc.
 
-    Only dc @ W2^T with the activation's backward fused runs in our kernels (in cuBLAS, then
-    the activation's backward in PyTorch ops, where the op set says ``DENSE_VIA_CUBLAS`` or
-    the tuned table says cuBLAS is the faster for this shape); the other dense GEMMs go to
+    Only dc @ W2^T with the activation's backward fused runs in our kernels (from
+    :func:`_dense`; in cuBLAS, then the activation's backward in PyTorch ops, where the op set
+    or the tuned table says cuBLAS is the faster for this shape); the other dense GEMMs go to
     cuBLAS (torch.matmul), which the issue allows for the shared expert and which ran them at
     ~730 TFLOP/s against our kernels' 370-445 (H100, GPU session 2). The hidden act(pre) for
     dW2 is recomputed after dpre is freed, so the peak memory does not grow."""
     act = cfg.shared_activation
-    dact = torch_ops.linear_dact if getattr(kn, "DENSE_VIA_CUBLAS", False) else kn.linear_dact
-    dpre = dact(dc, prm["shared_w2"], pre, act)
+    dpre = _dense(kn).linear_dact(dc, prm["shared_w2"], pre, act)
     if needs["shared_w1"]:
         grads["shared_w1"] = a.t() @ dpre
     if needs["shared_b1"]:
