@@ -72,7 +72,12 @@ def check_routing(u, w_gate, k, kn):
     ref = reference.route(u, w_gate, k)
     T, E = logits.shape
     assert ids.dtype == torch.int32 and weights.dtype == torch.float32
-    assert torch.equal(ids.long(), ref.topk_ids)
+    assert all(len(set(row)) == k for row in ids.tolist())
+    # The reference's ids, except where its logits tie to within fp32 rounding (the kernels
+    # sum in another order, so near-ties may rank either way; exact ties go to the lower
+    # index, tested below): each rank's expert has the reference's logit for that rank.
+    chosen, ranked = ref.logits.gather(1, ids.long()), ref.logits.gather(1, ref.topk_ids)
+    assert ((chosen - ranked).abs() <= 1e-5 * ref.logits.abs().amax(1, keepdim=True)).all()
     assert rel_err(weights, ref.topk_weights) < 1e-5
     assert rel_err(logits, ref.logits) < 1e-5
     expected = torch.zeros_like(block_counts)

@@ -50,8 +50,9 @@ def _jit(name: str, sources: list[Path], cflags=("-O2",), ldflags=()):
         raise RuntimeError(f"the extension was not prebuilt and its sources are missing "
                            f"({', '.join(missing)}); install from a source checkout")
     from torch.utils.cpp_extension import load as cpp_load
-    print(f"moe_adapter_kernels: building the {name} extension from {CSRC} (first use only; "
-          f"a minute or two)...", file=sys.stderr, flush=True)
+    print(f"moe_adapter_kernels: JIT-loading the {name} extension from {CSRC} (compiled on "
+          f"first use, a minute or two; then from torch's extension cache)...", file=sys.stderr,
+          flush=True)
     return cpp_load(name=name, sources=[str(s) for s in sources], extra_cflags=list(cflags),
                     extra_ldflags=list(ldflags), extra_cuda_cflags=["-O3"],
                     extra_include_paths=[str(CSRC)])
