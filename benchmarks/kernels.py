@@ -24,14 +24,20 @@ from moe_adapter_kernels.autograd import op_set
 from moe_adapter_kernels.config import MOE_PRESETS
 
 
-def tuned_path(a, w, activation, preact=None) -> str:
-    """" [cuBLAS]" where the tuned table sends this dense launch (forward, or dact given
-    ``preact``) to cuBLAS (tuning.CUBLAS), else ""."""
-    # the module, not the function of the same name that moe_adapter_kernels.ops exports
-    gg = importlib.import_module("moe_adapter_kernels.ops.grouped_gemm")
+def triton_gemm_module():
+    """ops/grouped_gemm.py (imported here, not at the top: ``--ops cuda`` needs no Triton);
+    the module, not the function of the same name that moe_adapter_kernels.ops exports."""
+    return importlib.import_module("moe_adapter_kernels.ops.grouped_gemm")
+
+
+def tuned_path(a, w, activation, preact=None, offsets=None) -> str:
+    """" [cuBLAS]" or " [split]" where the tuned table sends this launch (forward, or dact
+    given ``preact``) to cuBLAS (tuning.CUBLAS) or the split dact (tuning.SPLIT), else ""."""
+    gg = triton_gemm_module()
     key = (gg.fwd_key(a, w, activation=activation) if preact is None
-           else gg.dact_key(a, w, preact, activation))
-    return " [cuBLAS]" if gg.pick_config(key, a).get("path") == "cublas" else ""
+           else gg.dact_key(a, w, preact, activation, offsets=offsets))
+    cfg = gg.pick_config(key, a)
+    return " [cuBLAS]" if cfg.get("path") == "cublas" else " [split]" if cfg.get("split") else ""
 
 
 def n_fast(w: torch.Tensor) -> torch.Tensor:
@@ -44,7 +50,7 @@ def steps(model: MoEAdapter, x: torch.Tensor, kernels: str = "triton"):
     """(name, fn, flops, bytes) for every forward and backward step of op set ``kernels``
     ("triton" or "cuda"), on real routed data."""
     ops = op_set(kernels)
-    path = tuned_path if kernels == "triton" else (lambda *_: "")
+    path = tuned_path if kernels == "triton" else (lambda *_, **__: "")
     cfg, p = model.config, dict(model.named_parameters())
     T, d, k, E = x.shape[0], cfg.d_in, cfg.top_k, cfg.num_experts
     F, Fu, D, S = cfg.expert_dim, cfg.expert_up, cfg.expert_out, cfg.shared_dim
@@ -95,8 +101,8 @@ def steps(model: MoEAdapter, x: torch.Tensor, kernels: str = "triton"):
         ("combine", lambda: ops.combine(yp, dz, k, cfg.norm, p["norm_out.weight"],
                                         p.get("norm_out.bias"), cfg.norm_eps), 0,
          (P * D + 2 * T * D) * b),
-        ("bwd expert_dact", lambda: ops.expert_dact(dz, p["w2"], pre, sp, off, gates, k,
-                                                    cfg.expert_activation),
+        (f"bwd expert_dact{path(dz, p['w2'], act, pre, off)}",
+         lambda: ops.expert_dact(dz, p["w2"], pre, sp, off, gates, k, act),
          2 * P * D * F, (T * D + E * F * D + 2 * P * Fu) * b),
         ("bwd g*act(pre)", lambda: ops.scaled_activation(pre, act, gates, sp), 0,
          (P * Fu + P * F) * b + P * 8),
@@ -146,13 +152,19 @@ def steps(model: MoEAdapter, x: torch.Tensor, kernels: str = "triton"):
     rows += [(f"{base} ({w} copy, n-fast)", fn, *row_counts[base])
              for base, w, fn in n_fast_rows]
     # ... and the dact GEMMs without their epilogues (pre-activation load, act', gate
-    # partials): the same GEMM writing dh (default tiles)
-    gemm = importlib.import_module("moe_adapter_kernels.ops").grouped_gemm
+    # partials): the same GEMM writing dh (default tiles); the routed one also as the split
+    # path the tuner races (that GEMM, then the epilogue as a pass of its own)
+    gg = triton_gemm_module()
+    split = gg.tuning.SPLIT[0]
     return rows + [
-        ("bwd expert_dact GEMM alone", lambda: gemm(
+        (f"bwd expert_dact (split, {split['BLOCK_M']}x{split['BLOCK_N']} tiles)",
+         lambda: gg.grouped_dact(dz, p["w2"], pre, act, offsets=off, pair_ids=sp, gather_div=k,
+                                 gate=gates.reshape(-1), config=split),
+         *row_counts["bwd expert_dact"]),
+        ("bwd expert_dact GEMM alone", lambda: gg.grouped_gemm(
             dz, p["w2"].transpose(1, 2), offsets=off, pair_ids=sp, gather_div=k),
          2 * P * D * F, (T * D + E * F * D + P * F) * b),
-        ("bwd shared_dact GEMM alone", lambda: gemm(dz, p["shared_w2"].t()),
+        ("bwd shared_dact GEMM alone", lambda: gg.grouped_gemm(dz, p["shared_w2"].t()),
          2 * T * D * S, (T * D + S * D + T * S) * b)]
 
 

@@ -133,6 +133,9 @@ def triton_rows(tmp: Path) -> list[dict]:
                                                   pair_ids=sp, gather_div=k, gate=gates,
                                                   config=c),
          gg.dact_key(dz, e(E, F, D), h, "silu", offsets=off)),
+        ("expert_dact split", lambda c: gg.grouped_dact(
+            dz, e(E, F, D), h, "silu", offsets=off, pair_ids=sp, gather_div=k, gate=gates,
+            config=dict(c, split=True)), gg.dact_key(dz, e(E, F, D), h, "silu", offsets=off)),
         ("shared_dact", lambda c: gg.grouped_dact(dz, e(S, D), pre_s, "silu", config=c),
          gg.dact_key(dz, e(S, D), pre_s, "silu")),
         ("dW1", lambda c: wg.weight_grad(x, h, offsets=off, pair_ids=sp, a_gather_div=k,
@@ -149,12 +152,14 @@ def triton_rows(tmp: Path) -> list[dict]:
                       if k2 != "ms"}
             built.clear()
             launch(config)
-            for kernel in built:
-                cubin = tmp / f"{name}.cubin"
+            for i, kernel in enumerate(built):  # the split dact: its GEMM, then the epilogue
+                cubin = tmp / f"{name}-{i}.cubin"
                 cubin.write_bytes(kernel.asm["cubin"])
                 (prof,) = profile_cubin(cubin).values()
                 tile = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**config)
-                rows.append(dict(kernel=f"triton {name}", tile=tile, **prof))
+                part = "" if len(built) == 1 else (" (GEMM)", " (epilogue pass)")[i]
+                rows.append(dict(kernel=f"triton {name}{part}", tile=tile if not i else "32x128 w4",
+                                 **prof))
     return rows
 
 

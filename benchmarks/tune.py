@@ -2,8 +2,9 @@
 
 Runs one forward and backward of the adapter per token count while recording every GEMM
 launch, times each of ``tuning.candidates(key)`` (the tile configs, plus cuBLAS for the shared
-MLP's dense launches) for each distinct launch shape, and writes the fastest per (kernel,
-variant, dtype, N, K, row bucket) to ``ops/tuned/<device>.json``.
+MLP's dense launches and the split path for the routed activation backward) for each distinct
+launch shape, and writes the fastest per (kernel, variant, dtype, N, K, row bucket) to
+``ops/tuned/<device>.json``.
 
     python -m benchmarks.tune --tokens 512 2048 8192 32768 65536
 """
@@ -29,16 +30,23 @@ wg = importlib.import_module("moe_adapter_kernels.ops.weight_grad")
 
 def record_launches(model: MoEAdapter, x: torch.Tensor) -> list:
     """Every (key, run(config)) of the GEMM launches (forward, activation backward, weight
-    gradient) of one forward and backward."""
-    calls = []
+    gradient) of one forward and backward. A launch made inside another (the split dact's
+    GEMM) is part of that one, not recorded on its own."""
+    calls, depth = [], [0]
     patched = [(gg, "grouped_gemm", gg.fwd_key), (gg, "grouped_dact", gg.dact_key),
                (wg, "weight_grad", wg.wgrad_key)]
     originals = [getattr(mod, name) for mod, name, _ in patched]
 
     def recorder(fn, key):
         def record(*args, **kw):
+            if depth[0]:
+                return fn(*args, **kw)
             calls.append((key(*args, **kw), lambda cfg: fn(*args, config=cfg, **kw)))
-            return fn(*args, **kw)
+            depth[0] += 1
+            try:
+                return fn(*args, **kw)
+            finally:
+                depth[0] -= 1
         return record
 
     for (mod, name, key), fn in zip(patched, originals):
@@ -75,7 +83,7 @@ def precompile(args, jobs: int) -> None:
     loop then compiles nothing, and compiling is most of a cold tuning run."""
     base = [sys.executable, "-m", "benchmarks.tune", "--presets", *args.presets,
             "--dtype", args.dtype, "--compile-only"]
-    pending = list(range(len(tuning.CANDIDATES)))
+    pending = list(range(len(tuning.tile_configs())))
     running = []
     while pending or running:
         while pending and len(running) < jobs:
@@ -85,11 +93,13 @@ def precompile(args, jobs: int) -> None:
 
 
 def compile_candidate(args, index: int) -> None:
-    cfg = tuning.CANDIDATES[index]
+    cfg = tuning.tile_configs()[index]
     for preset in args.presets:
         model = triton_model(preset, args.dtype)
         x = torch.randn(512, model.config.d_in, device="cuda", dtype=model.w1.dtype)
-        for _, run in record_launches(model, x):
+        for key, run in record_launches(model, x):
+            if cfg not in tuning.candidates(key):
+                continue
             try:
                 run(cfg)
             except Exception as e:  # e.g. out of shared memory: tune() skips it too
@@ -120,7 +130,7 @@ def main(argv=None) -> int:
         return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
     if args.jobs:
-        print(f"compiling {len(tuning.CANDIDATES)} candidates in {args.jobs} processes...",
+        print(f"compiling {len(tuning.tile_configs())} candidates in {args.jobs} processes...",
               file=sys.stderr)
         precompile(args, args.jobs)
     device = tuning.device_key()

@@ -73,8 +73,10 @@ def exercise(dtype):
                                   save_preact=True, bias=b1)
         grouped_gemm.grouped_gemm(x, w1, offsets=off, pair_ids=sp, gather_div=k, activation=act)
         pre = torch.randn(T * k, width).to(dtype)
-        grouped_gemm.grouped_dact(x[:, :D].contiguous(), torch.randn(E, F, D).to(dtype), pre,
-                                  act, offsets=off, pair_ids=sp, gather_div=k, gate=gates)
+        for split in (None, grouped_gemm.tuning.SPLIT[0]):  # fused, or GEMM + epilogue pass
+            grouped_gemm.grouped_dact(x[:, :D].contiguous(), torch.randn(E, F, D).to(dtype),
+                                      pre, act, offsets=off, pair_ids=sp, gather_div=k,
+                                      gate=gates, config=split)
         for bias_grad in (False, True):
             weight_grad.weight_grad(pre, x, offsets=off, pair_ids=sp, b_gather_div=k,
                                     scale=gates, a_activation=act, bias_grad=bias_grad)

@@ -1,5 +1,6 @@
 """The benchmark code runs (small, on the CPU): every per-kernel step and the CLI."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -30,13 +31,14 @@ def test_every_kernel_step_runs(kernels):
             assert nbytes > 0 and flops >= 0, name
     names = [t[0] for t in table]
     assert len(set(names)) == len(names)
-    fns = {t[0]: t[1] for t in table}
-    for probe in [n for n in names if "copy, n-fast" in n]:  # same GEMM, weights laid out anew
-        base = probe.split(" (")[0]
-        got, want = fns[probe](), fns.get(base, fns.get(base + " [cuBLAS]"))()
+    fns = {t[0].split(" [")[0]: t[1] for t in table}  # without the tuned path's label
+    # the same op with the weights laid out anew, or on the split dact path
+    probes = [n for n in names if "copy, n-fast" in n or "(split," in n]
+    for probe in probes:
+        got, want = fns[probe](), fns[probe.split(" (")[0]]()
         for g, w in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want))):
-            assert rel_err(g, w) < 1e-5, probe
-    assert kernels == "cuda" or sum("n-fast" in n for n in names) == 3
+            assert rel_err(g.reshape(w.shape), w) < 1e-5, probe
+    assert len(probes) == (0 if kernels == "cuda" else 4)
     assert {"route", "permute", "expert_up", "expert_down", "combine", "shared_up",
             "shared_up cuBLAS+torch ops", "bwd shared_dact"} <= set(names)
 
@@ -70,8 +72,10 @@ def test_bench_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
 
 def test_tuning_records_picks_and_saves(tmp_path, monkeypatch):
     """tune_model visits every GEMM launch shape of a forward+backward, races the tile
-    candidates (and cuBLAS for the dense launches), keeps the fastest (a fake timer here), and
-    the table round-trips through its JSON file."""
+    candidates (and cuBLAS for the dense launches, the split path for the routed dact), keeps
+    the fastest (a fake timer here), and the table round-trips through its JSON file. A
+    second tuning, with the split path in the table, records the same launches (the split
+    dact's inner GEMM is not one of its own)."""
     pytest.importorskip("triton")
     from benchmarks.tune import tune_model
     from moe_adapter_kernels.ops import tuning
@@ -85,28 +89,41 @@ def test_tuning_records_picks_and_saves(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "candidates", lambda key: queued.extend(candidates(key))
                         or candidates(key))
 
-    def fake_timer(fn):  # runs the candidate, then prefers cuBLAS, else BLOCK_N=64, BLOCK_K=32
+    def fake_timer(fn):  # runs the candidate, then prefers cuBLAS, split, BLOCK_N=64 BLOCK_K=32
         fn()
         cfg = queued.pop(0)
         timed.append(cfg)
         if cfg == tuning.CUBLAS:
             return 0.5
+        if cfg.get("split"):
+            return 0.7
         return 1.0 if (cfg["BLOCK_N"], cfg["BLOCK_K"]) == (64, 32) else 2.0
 
+    gg = importlib.import_module("moe_adapter_kernels.ops.grouped_gemm")
+    pick = gg.pick_config
     try:
-        n = tune_model(model, [40], "fake-gpu", fake_timer, log=lambda s: None)
-        # up, down, shared up/down; dact expert/shared; expert dx; the experts' weight
-        # gradients (the shared MLP's other backward GEMMs run in cuBLAS)
-        assert n == 9 and not queued
-        assert len(timed) == 9 * len(tuning.CANDIDATES) + 3  # cuBLAS: shared up, down, dact
+        for again in (False, True):
+            if again:  # the launchers follow the table just written, as on the GPU
+                monkeypatch.setattr(gg, "pick_config", lambda key, a: {
+                    n: v for n, v in tuning.table("fake-gpu").get(key, pick(key, a)).items()
+                    if n != "ms"})
+            timed.clear()
+            n = tune_model(model, [40], "fake-gpu", fake_timer, log=lambda s: None)
+            # up, down, shared up/down; dact expert/shared; expert dx; the experts' weight
+            # gradients (the shared MLP's other backward GEMMs run in cuBLAS)
+            assert n == 9 and not queued
+            # cuBLAS: shared up, down, dact; split: the routed dact
+            assert len(timed) == 9 * len(tuning.CANDIDATES) + 3 + len(tuning.SPLIT)
         path = tuning.save("fake-gpu")
         tuning.table.cache_clear()
         saved = tuning.table("fake-gpu")
         assert path.exists() and len(saved) == 9
         dense = {k: v for k, v in saved.items() if "|dense-" in k}
         assert len(dense) == 3 and all(v == dict(tuning.CUBLAS, ms=0.5) for v in dense.values())
+        routed_dact = {k: v for k, v in saved.items() if k.startswith("dact|grouped-")}
+        assert list(routed_dact.values()) == [dict(tuning.SPLIT[0], ms=0.7)]
         assert all((c["BLOCK_N"], c["BLOCK_K"]) == (64, 32) for k, c in saved.items()
-                   if k not in dense)
+                   if k not in dense and k not in routed_dact)
         assert "fwd|grouped-swiglu|float32|N24|K72|M256" in saved  # 40 tokens x 4 slots
         assert "wgrad|grouped-identity|float32|N40|K24|M256" in saved  # dW2 on g*act(pre)
     finally:

@@ -472,6 +472,45 @@ def test_triton_dense_launches_on_the_cublas_path(activation, bias, dtype):
                          pair_ids=sorted_pair, gather_div=2, config=tuning.CUBLAS)
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "swiglu", "gelu", "identity"])
+@pytest.mark.parametrize("T,k,experts", [(37, 2, None), (1, 2, None), (30, 1, [3]),
+                                         (25, 2, [1, 4]), (0, 2, None)])
+def test_triton_dact_split_path(activation, T, k, experts, dtype):
+    """A dact launch whose tuned entry says ``split`` (tuning.SPLIT, which the tuner races
+    against the fused kernel for the routed experts) runs the GEMM into dz's buffer, then the
+    epilogue pass: same dz and gate gradient as autograd and as the fused kernel, routed
+    (with empty experts, all rows on one expert, T = 0 and 1) and dense. F = 150 spans two
+    column blocks of the epilogue pass."""
+    pytest.importorskip("triton")
+    from moe_adapter_kernels.ops import tuning
+    gg = importlib.import_module("moe_adapter_kernels.ops.grouped_gemm")
+    E, F, N = 6, 150, 40
+    ids, sorted_pair, offsets = routing_case(T, E, k, experts)
+    width = 2 * F if activation == "swiglu" else F
+    pre, w2 = randn(T * k, width, dtype=dtype), randn(E, F, N, dtype=dtype, scale=0.3)
+    dz, gates = randn(T, N, dtype=dtype), torch.rand(T * k, device=DEVICE) + 0.5
+    split = dict(tuning.SPLIT[0], **{n: v for n, v in gg.default_config(dtype).items()
+                                     if n.startswith("BLOCK")})
+    routed = dict(offsets=offsets, pair_ids=sorted_pair, gather_div=k, gate=gates)
+    dpre, dgate = gg.grouped_dact(dz, w2, pre, activation, config=split, **routed)
+    fused_dpre, fused_dgate = gg.grouped_dact(dz, w2, pre, activation, **routed)
+    lp, lg = pre.detach().float().requires_grad_(True), gates.clone().requires_grad_(True)
+    sp = sorted_pair.long()
+    o = torch.einsum("pf,pfn->pn", reference.activation(lp, activation), w2.float()[
+        ids.reshape(-1).long()[sp]])  # sorted rows
+    ((o * lg[sp, None]) * dz.float()[sp // k]).sum().backward()
+    assert dpre.shape == pre.shape and dgate.shape == (T * k,)
+    assert rel_err(dpre, lp.grad) < TOL[dtype] and rel_err(dgate, lg.grad) < TOL[dtype]
+    assert rel_err(dpre, fused_dpre) < TOL[dtype] and rel_err(dgate, fused_dgate) < TOL[dtype]
+    dense = gg.grouped_dact(dz, w2[0], pre[:T], activation, config=split)
+    lp = pre[:T].detach().float().requires_grad_(True)
+    (reference.activation(lp, activation) @ w2[0].float() * dz.float()).sum().backward()
+    assert rel_err(dense, lp.grad) < TOL[dtype]
+    with pytest.raises(ValueError, match="out must be"):
+        gg.grouped_gemm(dz, w2[0].t(), out=pre[:T, :N + 1])
+
 def test_grouped_mlp_is_up_then_down():
     ops = pytest.importorskip("moe_adapter_kernels.ops")
     ids, sorted_pair, offsets = routing_case(33, 8, 4)

@@ -2,6 +2,8 @@
 ``gpu``, skipped without CUDA). Run on a device with ``python -m pytest -m gpu -q`` (see
 benchmarks/gpu_session.sh)."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -219,24 +221,35 @@ def test_triton_and_cuda_backends_agree(dtype):
         assert rel_err(g_cu[name], g_tri[name]) < TOL[dtype] * (3 if name != "y" else 1), name
 
 
+@pytest.mark.parametrize("path", ["cublas", "split"])
 @pytest.mark.parametrize("T", [1, 4099])
-def test_triton_shared_mlp_on_the_tuned_cublas_path(T, monkeypatch):
-    """Where the tuned table sends the shared MLP's dense launches to cuBLAS (tuning.CUBLAS,
-    what benchmarks.tune picks when it is faster), the Triton backend takes that path and
-    still matches the reference, forward and backward."""
+def test_triton_on_the_tuned_cublas_and_split_paths(path, T, monkeypatch):
+    """Where the tuned table sends the shared MLP's dense launches to cuBLAS (tuning.CUBLAS)
+    or the routed experts' dact to the split path (tuning.SPLIT), as benchmarks.tune does
+    where they are the faster, the Triton backend takes that path and still matches the
+    reference, forward and backward."""
     pytest.importorskip("triton")
     from moe_adapter_kernels import torch_ops
     from moe_adapter_kernels.ops import tuning
-    lookup, linear, calls = tuning.lookup, torch_ops.linear, []
+    gg = importlib.import_module("moe_adapter_kernels.ops.grouped_gemm")
+    keys, entry = {"cublas": ("|dense-", tuning.CUBLAS), "split": ("dact|grouped-",
+                                                                  tuning.SPLIT[-1])}[path]
+    lookup, calls = tuning.lookup, []
     monkeypatch.setattr(tuning, "lookup", lambda dev, key: (
-        dict(tuning.CUBLAS) if "|dense-" in key else lookup(dev, key)))
-    monkeypatch.setattr(torch_ops, "linear", lambda *a: calls.append(1) or linear(*a))
+        dict(entry) if keys in key else lookup(dev, key)))
+    if path == "cublas":  # shared up and down
+        linear = torch_ops.linear
+        monkeypatch.setattr(torch_ops, "linear", lambda *a: calls.append(1) or linear(*a))
+    else:  # the split dact's GEMM writes into dz's buffer
+        gemm = gg.grouped_gemm
+        monkeypatch.setattr(gg, "grouped_gemm", lambda *a, **kw: (
+            "out" in kw and calls.append(1)) or gemm(*a, **kw))
     cfg = MoEAdapterConfig.paper()
     ref, tri = pair(cfg, torch.bfloat16, "triton")
     x = torch.randn(T, cfg.d_in, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(T, cfg.d_out, device="cuda")
     g_ref, g_tri = grads(ref, x, dy), grads(tri, x, dy)
-    assert len(calls) == 2  # shared up and down
+    assert len(calls) == (2 if path == "cublas" else 1)
     assert routed_rows_agree(ref, tri).float().mean() > 0.99
     for name in g_ref:
         assert rel_err(g_tri[name], g_ref[name]) < TOL[torch.bfloat16] * (3 if name != "y"

@@ -5,7 +5,9 @@ Rows are in expert-sorted order: expert g owns rows offsets[g] .. offsets[g+1]. 
 sized by an upper bound on the number of M tiles, cdiv(rows, BLOCK_M) + groups, so no host
 sync is needed; programs past the last tile exit at once. With ``offsets=None`` it is a plain
 dense GEMM (one group of all rows), used for the shared / aggregation MLP; a dense launch whose
-tuned entry is ``tuning.CUBLAS`` runs in cuBLAS and PyTorch ops instead (``torch_ops``).
+tuned entry is ``tuning.CUBLAS`` runs in cuBLAS and PyTorch ops instead (``torch_ops``). The
+backward's dact GEMM runs with its epilogue fused, or, where the tuned entry says ``split``,
+as the plain GEMM followed by the epilogue in a pass of its own.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from . import tuning
 from ._common import cdiv, check, check_tensor, custom_op, dot_in_fp32, interpreting, pow2
 
 ACTIVATIONS = {"none": 0, "identity": 0, "silu": 1, "swiglu": 2, "gelu": 3}
+SPLIT_BLOCK = (32, 128)  # rows, columns of a _dact_rows_kernel program
 SQRT1_2 = tl.constexpr(0.7071067811865476)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
@@ -198,23 +201,10 @@ def _grouped_gemm_kernel(
 
 
 @triton.jit
-def _grouped_dact_kernel(
-        A, B, Preact, DPreact, PairIds, Gate, DGate, Offsets, M, N, K,
-        stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_pm, stride_dg,
-        NUM_GROUPS: tl.constexpr, GATHER_DIV: tl.constexpr, ACT: tl.constexpr,
-        HAS_GATE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_G: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Backward through ``C = g * act(z) @ W``: with dh = dC[rows] @ W[g]^T (this GEMM),
-    dz = g * dh * act'(z) and, when gated, dg partials = sum over this N tile of dh * act(z).
-    z (the saved pre-activation) and dz are in sorted rows; dg partials in pair order."""
-    pid_m, pid_n = _tile_ids(N, BLOCK_N)
-    group, rm, m_ok = _tile_rows(pid_m, Offsets, M, NUM_GROUPS, BLOCK_G, BLOCK_M)
-    if group < 0:
-        return
-    pair, a_row, rn, n_ok = _tile_operands(PairIds, rm, m_ok, pid_n, N,
-                                           GATHER_DIV > 0 or HAS_GATE, GATHER_DIV, BLOCK_N)
-    dh, _ = _mainloop(A, B, a_row, m_ok, group, rn, n_ok, K, stride_am, stride_ak, stride_bg,
-                      stride_bk, stride_bn, 0, False, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+def _dact_epilogue(dh, Preact, DPreact, Gate, DGate, pair, rm, m_ok, rn, n_ok, pid_n, N,
+                   stride_pm, stride_dg, ACT: tl.constexpr, HAS_GATE: tl.constexpr):
+    """From dh (an fp32 tile of rows rm, columns rn): dz = g * dh * act'(z) into DPreact and,
+    when gated, the dg partial sum over these columns of dh * act(z) into DGate[pair, pid_n]."""
     mask = m_ok[:, None] & n_ok[None, :]
     p_ptr = Preact + rm.to(tl.int64)[:, None] * stride_pm + rn[None, :]
     d_ptr = DPreact + rm.to(tl.int64)[:, None] * stride_pm + rn[None, :]
@@ -232,6 +222,46 @@ def _grouped_dact_kernel(
         tl.store(d_ptr + N, (dh * z * tl.sigmoid(z)).to(DPreact.dtype.element_ty), mask=mask)
     else:
         tl.store(d_ptr, (dh * _act_grad(z, ACT)).to(DPreact.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_dact_kernel(
+        A, B, Preact, DPreact, PairIds, Gate, DGate, Offsets, M, N, K,
+        stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_pm, stride_dg,
+        NUM_GROUPS: tl.constexpr, GATHER_DIV: tl.constexpr, ACT: tl.constexpr,
+        HAS_GATE: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_G: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Backward through ``C = g * act(z) @ W``: with dh = dC[rows] @ W[g]^T (this GEMM),
+    dz = g * dh * act'(z) and, when gated, dg partials = sum over this N tile of dh * act(z).
+    z (the saved pre-activation) and dz are in sorted rows; dg partials in pair order."""
+    pid_m, pid_n = _tile_ids(N, BLOCK_N)
+    group, rm, m_ok = _tile_rows(pid_m, Offsets, M, NUM_GROUPS, BLOCK_G, BLOCK_M)
+    if group < 0:
+        return
+    pair, a_row, rn, n_ok = _tile_operands(PairIds, rm, m_ok, pid_n, N,
+                                           GATHER_DIV > 0 or HAS_GATE, GATHER_DIV, BLOCK_N)
+    dh, _ = _mainloop(A, B, a_row, m_ok, group, rn, n_ok, K, stride_am, stride_ak, stride_bg,
+                      stride_bk, stride_bn, 0, False, DOT_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+    _dact_epilogue(dh, Preact, DPreact, Gate, DGate, pair, rm, m_ok, rn, n_ok, pid_n, N,
+                   stride_pm, stride_dg, ACT, HAS_GATE)
+
+
+@triton.jit
+def _dact_rows_kernel(Preact, DPreact, PairIds, Gate, DGate, M, N, stride_pm, stride_dg,
+                      ACT: tl.constexpr, HAS_GATE: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """The split path's second pass: the dact epilogue over dh that a plain GEMM wrote into
+    DPreact (its first N columns), in place (each element is read before it is written, by
+    the same program)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_n = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = rm < M, rn < N
+    pair = _pair_ids(PairIds, rm, m_ok, HAS_GATE)
+    d_ptr = DPreact + rm.to(tl.int64)[:, None] * stride_pm + rn[None, :]
+    dh = tl.load(d_ptr, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+    _dact_epilogue(dh, Preact, DPreact, Gate, DGate, pair, rm, m_ok, rn, n_ok, pid_n, N,
+                   stride_pm, stride_dg, ACT, HAS_GATE)
 
 
 def default_config(dtype: torch.dtype) -> dict:
@@ -301,7 +331,8 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, *, offsets: torch.Tensor | No
                  pair_ids: torch.Tensor | None = None, gather_div: int = 0,
                  scatter: bool = False, scale: torch.Tensor | None = None,
                  activation: str = "none", save_preact: bool = False,
-                 bias: torch.Tensor | None = None, config: dict | None = None):
+                 bias: torch.Tensor | None = None, config: dict | None = None,
+                 out: torch.Tensor | None = None):
     """C[rows] = act(A[rows] @ B[group]) (* scale[pair]) for every group's rows.
 
     a: [Ma, K]. b: [G, K, Nb] (any strides) with offsets [G+1] int32 (grouped), or [K, Nb]
@@ -312,7 +343,8 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, *, offsets: torch.Tensor | No
     multiplies each row by scale[pair]. ``bias`` [G, Nb] or [Nb] is added before the
     activation. ``save_preact`` also returns the pre-activation [M, Nb] in sorted rows (for the
     backward): (C, preact). ``config``: tile config (default: the tuned one for this device
-    and shape), or ``tuning.CUBLAS`` for a dense launch in cuBLAS.
+    and shape), or ``tuning.CUBLAS`` for a dense launch in cuBLAS. ``out``: C written there
+    ([M, N], a.dtype, unit column stride) instead of a new tensor.
     """
     op = "grouped_gemm"
     needs_pairs = gather_div > 0 or scatter or scale is not None
@@ -325,10 +357,16 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, *, offsets: torch.Tensor | No
               "G, " if groups else "", b.shape[-1], tuple(bias.shape))
     cfg = dict(config or pick_config(fwd_key(a, b, offsets=offsets, pair_ids=pair_ids,
                                              activation=activation), a))
+    if out is not None:
+        check_tensor(out, op, "out", 2, dtypes=(a.dtype,), device=a.device)
+        check(tuple(out.shape) == (M, n_out) and cfg.get("path") != "cublas", op,
+              "out must be [{}, {}] (and the launch not on the cuBLAS path), got {}", M, n_out,
+              tuple(out.shape))
     if _via_cublas(op, cfg, groups or needs_pairs):
         out, preact = torch_ops.linear(a, b, activation, save_preact, bias)
         return (out, preact) if save_preact else out
-    out = torch.empty(M, n_out, device=a.device, dtype=a.dtype)
+    if out is None:
+        out = torch.empty(M, n_out, device=a.device, dtype=a.dtype)
     preact = torch.empty(M, b.shape[-1], device=a.device, dtype=a.dtype) if save_preact else None
     if M and n_out:
         grid = ((cdiv(M, cfg["BLOCK_M"]) + groups) * cdiv(n_out, cfg["BLOCK_N"]),)
@@ -353,7 +391,9 @@ def grouped_dact(dc: torch.Tensor, w: torch.Tensor, preact: torch.Tensor, activa
     dc: [Ma, N] upstream gradient (rows gathered by pair // gather_div when > 0); w: [G, F, N]
     or [F, N] (the forward weight; transposed here through strides); preact: Z [M, F'].
     Returns dZ [M, F'] and, with ``gate`` [P] (flattened topk weights), dgate [P] fp32.
-    ``config`` as in :func:`grouped_gemm`.
+    ``config`` as in :func:`grouped_gemm`; one with ``split=True`` (``tuning.SPLIT``) runs the
+    GEMM alone, writing dh into dZ's buffer, then the epilogue as its own pass over the rows
+    (``_dact_rows_kernel``): more bytes moved, but neither pass carries the other's registers.
     """
     op = "grouped_dact"
     wt = w.transpose(-1, -2)
@@ -367,19 +407,27 @@ def grouped_dact(dc: torch.Tensor, w: torch.Tensor, preact: torch.Tensor, activa
                                      dc))
     if _via_cublas(op, cfg, groups or gather_div > 0 or gate is not None):
         return torch_ops.linear_dact(dc, w, preact, activation)
-    n_tiles = cdiv(F, cfg["BLOCK_N"])
+    split = cfg.pop("split", False)
+    n_tiles = cdiv(F, SPLIT_BLOCK[1] if split else cfg["BLOCK_N"])
     dpre = torch.empty_like(preact)
     dgate_part = (torch.empty(gate.numel(), n_tiles, device=dc.device, dtype=torch.float32)
                   if gate is not None else None)
-    if M and F:
+    args = (pair_ids, gate, dgate_part)
+    strides = (preact.stride(0), 0 if dgate_part is None else dgate_part.stride(0))
+    consts = dict(ACT=ACTIVATIONS[activation], HAS_GATE=gate is not None)
+    if M and F and split:
+        grouped_gemm(dc, wt, offsets=offsets, pair_ids=pair_ids, gather_div=gather_div,
+                     config=cfg, out=dpre[:, :F])
+        _dact_rows_kernel[(cdiv(M, SPLIT_BLOCK[0]), n_tiles)](
+            preact, dpre, *args, M, F, *strides, **consts, BLOCK_M=SPLIT_BLOCK[0],
+            BLOCK_N=SPLIT_BLOCK[1], num_warps=4)
+    elif M and F:
         grid = ((cdiv(M, cfg["BLOCK_M"]) + groups) * n_tiles,)
         _grouped_dact_kernel[grid](
             dc, wt, preact, dpre, pair_ids, gate, dgate_part, offsets, M, F, dc.shape[1],
-            dc.stride(0), dc.stride(1), bs[0], bs[1], bs[2], preact.stride(0),
-            0 if dgate_part is None else dgate_part.stride(0),
-            NUM_GROUPS=groups, GATHER_DIV=gather_div, ACT=ACTIVATIONS[activation],
-            HAS_GATE=gate is not None, DOT_FP32=dot_in_fp32(dc.dtype), BLOCK_G=pow2(groups),
-            **cfg)
+            dc.stride(0), dc.stride(1), bs[0], bs[1], bs[2], *strides, NUM_GROUPS=groups,
+            GATHER_DIV=gather_div, **consts, DOT_FP32=dot_in_fp32(dc.dtype),
+            BLOCK_G=pow2(groups), **cfg)
     if gate is None:
         return dpre
     dgate = dgate_part.sum(1) if M else torch.zeros(gate.numel(), device=dc.device)

@@ -5,7 +5,8 @@
 the adapter at the given token counts and writes the winners; the launchers look them up by
 (kernel, variant, dtype, N, K, row bucket) and fall back to ``default_config``. Dense launches
 (the shared MLP's) also race :data:`CUBLAS`, the same GEMM in cuBLAS with the epilogue in
-PyTorch ops, so each shape runs on whichever this device runs faster.
+PyTorch ops, and the routed experts' activation backward races :data:`SPLIT`, its GEMM and
+epilogue as two passes, so each shape runs on whichever this device runs faster.
 """
 
 from __future__ import annotations
@@ -30,11 +31,23 @@ CANDIDATES = [
 ]
 
 CUBLAS = dict(path="cublas")
+# the grouped dact as a plain GEMM (the forward's favourite tiles) and a separate epilogue pass
+SPLIT = [dict(cfg, split=True) for cfg in CANDIDATES if cfg["BLOCK_M"] == 128
+         and cfg["BLOCK_N"] >= 128]
 
 
 def candidates(key: str) -> list:
-    """The configs :func:`tune` times for ``key``: tiles, plus cuBLAS for dense launches."""
-    return CANDIDATES + [CUBLAS] if key.split("|")[1].startswith("dense-") else CANDIDATES
+    """The configs :func:`tune` times for ``key``: tiles, plus cuBLAS for dense launches and
+    the split path for the grouped activation backward."""
+    kernel, variant = key.split("|")[:2]
+    if variant.startswith("dense-"):
+        return CANDIDATES + [CUBLAS]
+    return CANDIDATES + SPLIT if kernel == "dact" else CANDIDATES
+
+
+def tile_configs() -> list:
+    """Every Triton config some key races, once each (what ``benchmarks.tune`` precompiles)."""
+    return CANDIDATES + SPLIT
 
 
 @functools.lru_cache(maxsize=None)
