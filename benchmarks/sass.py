@@ -152,14 +152,16 @@ def triton_rows(tmp: Path) -> list[dict]:
                       if k2 != "ms"}
             built.clear()
             launch(config)
-            for i, kernel in enumerate(built):  # the split dact: its GEMM, then the epilogue
+            for i, kernel in enumerate(built):
                 cubin = tmp / f"{name}-{i}.cubin"
                 cubin.write_bytes(kernel.asm["cubin"])
                 (prof,) = profile_cubin(cubin).values()
+                label = name
                 tile = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**config)
-                part = "" if len(built) == 1 else (" (GEMM)", " (epilogue pass)")[i]
-                rows.append(dict(kernel=f"triton {name}{part}", tile=tile if not i else "32x128 w4",
-                                 **prof))
+                if len(built) > 1:  # the split dact: its GEMM, then the epilogue pass
+                    label += (" (GEMM)", " (epilogue pass)")[i]
+                    tile = tile if i == 0 else "{}x{} w4".format(*gg.SPLIT_BLOCK)
+                rows.append(dict(kernel=f"triton {label}", tile=tile, **prof))
     return rows
 
 

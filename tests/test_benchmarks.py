@@ -169,8 +169,9 @@ def test_step_profile_on_cpu(tmp_path, capsys):
 @pytest.mark.slow
 def test_sass_profile_of_the_gemms(tmp_path):
     """benchmarks.sass builds every GEMM for sm_90 without a GPU and reads its loop: the
-    Triton GEMMs on wgmma fed by async copies, the CUDA GEMMs on ldmatrix + mma.sync with no
-    generic (WMMA-style) or spilled loads in the loop."""
+    Triton GEMMs on wgmma fed by async copies (and the split dact's epilogue pass, no GEMM,
+    without spills), the CUDA GEMMs on ldmatrix + mma.sync with no generic (WMMA-style) or
+    spilled loads in the loop."""
     pytest.importorskip("triton")
     out = tmp_path / "rows.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.sass", "--json", str(out)],
@@ -178,10 +179,11 @@ def test_sass_profile_of_the_gemms(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     rows = {r["kernel"]: r for r in json.loads(out.read_text())}
-    triton = [r for k, r in rows.items() if k.startswith("triton")]
-    assert len(triton) == 7
+    triton = [r for k, r in rows.items() if k.startswith("triton") and "epilogue" not in k]
+    assert len(triton) == 8
     for r in triton:
         assert r["HGMMA"] > 0 and r["LDGSTS"] + r["UTMALDG"] > 0, r
+    assert rows["triton expert_dact split (epilogue pass)"]["STACK"] == 0
     cuda = [r for k, r in rows.items() if k.startswith("cuda")]
     if cuda:
         for r in cuda:

@@ -412,15 +412,14 @@ def grouped_dact(dc: torch.Tensor, w: torch.Tensor, preact: torch.Tensor, activa
     dpre = torch.empty_like(preact)
     dgate_part = (torch.empty(gate.numel(), n_tiles, device=dc.device, dtype=torch.float32)
                   if gate is not None else None)
-    args = (pair_ids, gate, dgate_part)
     strides = (preact.stride(0), 0 if dgate_part is None else dgate_part.stride(0))
     consts = dict(ACT=ACTIVATIONS[activation], HAS_GATE=gate is not None)
     if M and F and split:
         grouped_gemm(dc, wt, offsets=offsets, pair_ids=pair_ids, gather_div=gather_div,
                      config=cfg, out=dpre[:, :F])
         _dact_rows_kernel[(cdiv(M, SPLIT_BLOCK[0]), n_tiles)](
-            preact, dpre, *args, M, F, *strides, **consts, BLOCK_M=SPLIT_BLOCK[0],
-            BLOCK_N=SPLIT_BLOCK[1], num_warps=4)
+            preact, dpre, pair_ids, gate, dgate_part, M, F, *strides, **consts,
+            BLOCK_M=SPLIT_BLOCK[0], BLOCK_N=SPLIT_BLOCK[1], num_warps=4)
     elif M and F:
         grid = ((cdiv(M, cfg["BLOCK_M"]) + groups) * n_tiles,)
         _grouped_dact_kernel[grid](
