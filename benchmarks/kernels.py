@@ -60,13 +60,13 @@ def steps(model: MoEAdapter, x: torch.Tensor, kernels: str = "triton"):
     u, mean, rstd = ops.norm(x, w_in, b_in, cfg.norm, cfg.norm_eps)
     logits, ids, gates, counts, gate_sums = ops.route(u, p["w_gate"], k)
     sp, _, off, _ = ops.permute(ids, counts, gate_sums, E)
-    h, pre = ops.expert_up(u, p["w1"], sp, off, k, cfg.expert_activation, True)
+    act = cfg.expert_activation
+    h, pre = ops.expert_up(u, p["w1"], sp, off, k, act, True)
     yp = ops.expert_down(h, p["w2"], sp, off, gates)
     hs, pre_s = ops.linear(u, p["shared_w1"], "silu", True)
     dz = torch.randn(T, D, device=x.device, dtype=x.dtype)
-    dpre = ops.expert_dact(dz, p["w2"], pre, sp, off, gates, k, cfg.expert_activation)[0]
+    dpre = ops.expert_dact(dz, p["w2"], pre, sp, off, gates, k, act)[0]
     dpre_s = ops.linear_dact(dz, p["shared_w2"], pre_s, "silu")
-    act = cfg.expert_activation
     hg = ops.scaled_activation(pre, act, gates, sp)
     dup = ops.expert_dx(dpre, p["w1"], sp, off)
     du_s = torch.randn(T, d, device=x.device, dtype=x.dtype)
@@ -84,7 +84,7 @@ def steps(model: MoEAdapter, x: torch.Tensor, kernels: str = "triton"):
         ("route", lambda: ops.route(u, p["w_gate"], k), 2 * T * d * E,
          T * d * b + T * E * 4 + P * 8),
         ("permute", lambda: ops.permute(ids, counts, gate_sums, E), 0, P * 4 * 3),
-        ("expert_up", lambda: ops.expert_up(u, p["w1"], sp, off, k, cfg.expert_activation),
+        ("expert_up", lambda: ops.expert_up(u, p["w1"], sp, off, k, act),
          2 * P * d * Fu, T * d * b + E * d * Fu * b + P * F * b),
         ("expert_down", lambda: ops.expert_down(h, p["w2"], sp, off, gates), 2 * P * F * D,
          P * F * b + E * F * D * b + P * D * b),
@@ -145,8 +145,7 @@ def steps(model: MoEAdapter, x: torch.Tensor, kernels: str = "triton"):
     row_counts = {name.split(" [")[0]: (flops, nbytes) for name, _, flops, nbytes in rows}
     w1n, w2n, ws2n = (n_fast(p[n]) for n in ("w1", "w2", "shared_w2"))
     n_fast_rows = [
-        ("bwd expert_dact", "W2", lambda: ops.expert_dact(dz, w2n, pre, sp, off, gates, k,
-                                                          cfg.expert_activation)),
+        ("bwd expert_dact", "W2", lambda: ops.expert_dact(dz, w2n, pre, sp, off, gates, k, act)),
         ("bwd expert_dx", "W1", lambda: ops.expert_dx(dpre, w1n, sp, off)),
         ("bwd shared_dact", "W2", lambda: ops.linear_dact(dz, ws2n, pre_s, "silu"))]
     rows += [(f"{base} ({w} copy, n-fast)", fn, *row_counts[base])

@@ -118,6 +118,12 @@ def triton_rows(tmp: Path) -> list[dict]:
     sp, off = torch.zeros(P, dtype=torch.int32), torch.zeros(E + 1, dtype=torch.int32)
     off[-1] = P
     gates = e(P, dtype=torch.float32)
+
+    def expert_dact(c):
+        return gg.grouped_dact(dz, e(E, F, D), h, "silu", offsets=off, pair_ids=sp,
+                               gather_div=k, gate=gates, config=c)
+
+    dact_key = gg.dact_key(dz, e(E, F, D), h, "silu", offsets=off)
     steps = [  # (name, launcher(config), its tuning key)
         ("expert_up", lambda c: gg.grouped_gemm(x, e(E, d, F), offsets=off, pair_ids=sp,
                                                 gather_div=k, activation="silu",
@@ -129,13 +135,8 @@ def triton_rows(tmp: Path) -> list[dict]:
         ("shared_up", lambda c: gg.grouped_gemm(x, e(d, S), activation="silu",
                                                 save_preact=True, config=c),
          gg.fwd_key(x, e(d, S), activation="silu")),
-        ("expert_dact", lambda c: gg.grouped_dact(dz, e(E, F, D), h, "silu", offsets=off,
-                                                  pair_ids=sp, gather_div=k, gate=gates,
-                                                  config=c),
-         gg.dact_key(dz, e(E, F, D), h, "silu", offsets=off)),
-        ("expert_dact split", lambda c: gg.grouped_dact(
-            dz, e(E, F, D), h, "silu", offsets=off, pair_ids=sp, gather_div=k, gate=gates,
-            config=dict(c, split=True)), gg.dact_key(dz, e(E, F, D), h, "silu", offsets=off)),
+        ("expert_dact", expert_dact, dact_key),
+        ("expert_dact split", lambda c: expert_dact(dict(c, split=True)), dact_key),
         ("shared_dact", lambda c: gg.grouped_dact(dz, e(S, D), pre_s, "silu", config=c),
          gg.dact_key(dz, e(S, D), pre_s, "silu")),
         ("dW1", lambda c: wg.weight_grad(x, h, offsets=off, pair_ids=sp, a_gather_div=k,

@@ -32,21 +32,22 @@ def record_launches(model: MoEAdapter, x: torch.Tensor) -> list:
     """Every (key, run(config)) of the GEMM launches (forward, activation backward, weight
     gradient) of one forward and backward. A launch made inside another (the split dact's
     GEMM) is part of that one, not recorded on its own."""
-    calls, depth = [], [0]
+    calls, depth = [], 0
     patched = [(gg, "grouped_gemm", gg.fwd_key), (gg, "grouped_dact", gg.dact_key),
                (wg, "weight_grad", wg.wgrad_key)]
     originals = [getattr(mod, name) for mod, name, _ in patched]
 
     def recorder(fn, key):
         def record(*args, **kw):
-            if depth[0]:
+            nonlocal depth
+            if depth:
                 return fn(*args, **kw)
             calls.append((key(*args, **kw), lambda cfg: fn(*args, config=cfg, **kw)))
-            depth[0] += 1
+            depth += 1
             try:
                 return fn(*args, **kw)
             finally:
-                depth[0] -= 1
+                depth -= 1
         return record
 
     for (mod, name, key), fn in zip(patched, originals):

@@ -359,9 +359,9 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, *, offsets: torch.Tensor | No
                                              activation=activation), a))
     if out is not None:
         check_tensor(out, op, "out", 2, dtypes=(a.dtype,), device=a.device)
-        check(tuple(out.shape) == (M, n_out) and cfg.get("path") != "cublas", op,
-              "out must be [{}, {}] (and the launch not on the cuBLAS path), got {}", M, n_out,
+        check(tuple(out.shape) == (M, n_out), op, "out must be [{}, {}], got {}", M, n_out,
               tuple(out.shape))
+        check(cfg.get("path") != "cublas", op, "out= is not taken on the cuBLAS path")
     if _via_cublas(op, cfg, groups or needs_pairs):
         out, preact = torch_ops.linear(a, b, activation, save_preact, bias)
         return (out, preact) if save_preact else out
