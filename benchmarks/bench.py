@@ -139,6 +139,19 @@ def git_commit() -> str:
         return "unknown"
 
 
+def tile_table(say) -> str | None:
+    """The tuned tile table the Triton launches read on this GPU (None: default tiles), said
+    aloud, with whether it stands in for this device's own."""
+    from moe_adapter_kernels.ops import tuning
+    own, used = tuning.device_key(), tuning.launch_table()
+    if not tuning.table(used):
+        say(f"no tuned tiles for {own}: default tiles (python -m benchmarks.tune tunes them)")
+        return None
+    say(f"tuned tiles: ops/tuned/{used}.json" + (f" (stand-in: {own} has no table of its own)"
+                                                 if used != own else ""))
+    return used
+
+
 def format_table(rows: list[dict]) -> list[str]:
     """Markdown rows; "% matmul" is the achieved TFLOP/s as a share of the measured bf16 matmul
     ceiling (GPU only), "mem/dense" the peak-memory ratio."""
@@ -244,6 +257,7 @@ def main(argv=None) -> int:
     except ImportError:
         meta["triton"] = None
     if gpu:
+        meta["tile_table"] = tile_table(say)
         say("measuring device ceilings (bf16 matmul, copy)...")
         meta["ceilings"] = ceilings(bench)
         say(f"  bf16 matmul {meta['ceilings']['matmul_tflops']:.0f} TFLOP/s, "

@@ -130,6 +130,44 @@ def test_tuning_records_picks_and_saves(tmp_path, monkeypatch):
         tuning.table.cache_clear()
 
 
+def test_a_device_without_a_table_reads_its_capability_stand_in(tmp_path, monkeypatch, capsys):
+    """The launchers read a device's own tuned table, else the committed table of a device
+    with the same compute capability (tuning.STAND_INS), else none (default tiles); the
+    benchmark says which it read."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from benchmarks.bench import tile_table
+    from moe_adapter_kernels.ops import tuning
+    gg = importlib.import_module("moe_adapter_kernels.ops.grouped_gemm")
+    devices = [("new-sm90", (9, 0)), ("own-gpu", (9, 0)), ("new-sm80", (8, 0))]
+    monkeypatch.setattr(tuning, "TUNED_DIR", tmp_path)
+    monkeypatch.setattr(tuning, "STAND_INS", {(9, 0): "ref-gpu", (8, 0): "absent-gpu"})
+    monkeypatch.setattr(tuning, "device_key", lambda index=0: devices[index][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: devices[index][1])
+    monkeypatch.setattr(gg, "interpreting", lambda: False)
+    key = "fwd|grouped-silu|bfloat16|N64|K64|M128"
+    caches = (tuning.table, tuning.launch_table)
+    for name, block_m in (("ref-gpu", 64), ("own-gpu", 32)):
+        entry = dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+        (tmp_path / f"{name}.json").write_text(json.dumps({key: dict(entry, ms=0.1)}))
+    for cached in caches:
+        cached.cache_clear()
+    try:
+        assert [tuning.launch_table(i) for i in range(3)] == ["ref-gpu", "own-gpu", "new-sm80"]
+        picked = [gg.pick_config(key, SimpleNamespace(is_cuda=True, device=SimpleNamespace(
+            index=i), dtype=torch.bfloat16))["BLOCK_M"] for i in range(3)]
+        assert picked == [64, 32, gg.default_config(torch.bfloat16)["BLOCK_M"]]
+        said = []
+        assert tile_table(said.append) == "ref-gpu" and "stand-in" in said[0]
+        monkeypatch.setattr(tuning, "device_key", lambda index=0: "new-sm80")
+        monkeypatch.setattr(tuning, "launch_table", lambda index=0: "new-sm80")
+        assert tile_table(said.append) is None and "default tiles" in said[1]
+    finally:
+        for cached in caches:
+            cached.cache_clear()
+
+
 def test_bench_graphs_needs_a_gpu(capsys):
     from benchmarks.bench import main
     if torch.cuda.is_available():

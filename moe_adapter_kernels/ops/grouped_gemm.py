@@ -290,9 +290,10 @@ def dact_key(dc, w, preact, activation, *, offsets=None, **_) -> str:
 
 
 def pick_config(key: str, a: torch.Tensor) -> dict:
-    """The committed tuned config for this device and shape, else the default."""
+    """The committed tuned config for this device (or its stand-in) and shape, else the
+    default."""
     if a.is_cuda and not interpreting():
-        tuned = tuning.lookup(tuning.device_key(a.device.index or 0), key)
+        tuned = tuning.lookup(tuning.launch_table(a.device.index or 0), key)
         if tuned is not None:
             return {k: v for k, v in tuned.items() if k != "ms"}
     return default_config(a.dtype)

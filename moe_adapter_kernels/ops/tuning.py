@@ -1,5 +1,7 @@
 """Tile configs for the GEMM kernels, tuned per device and shape and committed as JSON
-(``ops/tuned/<device>.json``), so runs after the first do not retune.
+(``ops/tuned/<device>.json``), so runs after the first do not retune. A device without a table
+of its own reads the committed table of a device with the same compute capability
+(:data:`STAND_INS`), so e.g. an H200 runs the H100's tiles until it is tuned itself.
 
 ``python -m benchmarks.tune`` (on a GPU) times the few :data:`CANDIDATES` for every GEMM of
 the adapter at the given token counts and writes the winners; the launchers look them up by
@@ -30,6 +32,10 @@ CANDIDATES = [
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
 ]
 
+# compute capability -> the committed table a device of that capability without its own reads:
+# parts of one architecture share shared-memory size and tensor cores, so tiles carry over
+STAND_INS = {(9, 0): "nvidia-h100-80gb-hbm3"}
+
 CUBLAS = dict(path="cublas")
 # the grouped dact as a plain GEMM (the forward's favourite tiles) and a separate epilogue pass
 SPLIT = [dict(cfg, split=True) for cfg in CANDIDATES if cfg["BLOCK_M"] == 128
@@ -54,6 +60,18 @@ def tile_configs() -> list:
 def device_key(index: int = 0) -> str:
     """A file-name-safe name of the CUDA device, e.g. ``nvidia-h100-80gb-hbm3``."""
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(index).lower()).strip("-")
+
+
+@functools.lru_cache(maxsize=None)
+def launch_table(index: int = 0) -> str:
+    """The table the launchers read on CUDA device ``index``: the device's own where it has
+    one, else its capability's stand-in (:data:`STAND_INS`) where that is committed, else its
+    own (empty: default tiles)."""
+    own = device_key(index)
+    stand_in = STAND_INS.get(tuple(torch.cuda.get_device_capability(index)))
+    if table(own) or stand_in is None or not table(stand_in):
+        return own
+    return stand_in
 
 
 @functools.lru_cache(maxsize=4096)  # built on every launch
