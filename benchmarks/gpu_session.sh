@@ -6,7 +6,8 @@
 #   gtriton  GPU tests of the Triton backend (paper sizes, T up to 65536, no host sync, CUDA
 #          graphs, determinism, > 2^31 elements, training run, compile, Qwen2-Audio)
 #   unit   the CPU suite's kernel, module and extension tests, on the GPU (real kernels at odd
-#          small shapes, T = 0 and 1, empty experts, poisoned outputs), both backends;
+#          small shapes, T = 0 and 1, empty experts, poisoned outputs, random configs, bf16
+#          among them), both backends;
 #          UNIT_K selects some (pytest -k)
 #   gcuda  GPU tests of the CUDA backend and Triton-vs-CUDA agreement, and the self-check
 #   gpu    the GPU tests selected by GPU_TESTS_K (pytest -k; all when unset), both backends
@@ -98,7 +99,7 @@ for stage in $stages; do
     unit)  wait_build
            run 240 python -m pytest -q -rf -n 8 -m "not gpu" --durations=10 -p no:cacheprovider \
                ${UNIT_K:+-k "$UNIT_K"} tests/test_fused_ops.py tests/test_fused_module.py \
-               tests/test_fused_backward.py tests/test_cuda_ext.py ;;
+               tests/test_fused_backward.py tests/test_cuda_ext.py tests/test_random_configs.py ;;
     gcuda) wait_build
            gpu_tests "cuda or agree"
            run 120 python -m moe_adapter_kernels.cli check --dtype float32 float16 bfloat16 ;;
