@@ -5,11 +5,13 @@ reference. A few seeds run in CI; for a long search run the file itself:
     python tests/test_random_configs.py triton 0 500     # backend, first seed, how many
 
 An error counts only where it is real: the fused result must be within tolerance of the
-reference computed in the same dtype, or else no further from the fp64 reference than rounding
-explains (4x the same-dtype reference's own error, and 30x how far the fp64 result moves when
-the inputs and weights are perturbed at the dtype's rounding). Without the second test, tiny
-cases with ill-conditioned gradients (e.g. a scale-invariant RMSNorm of rank-1 expert outputs)
-fail on rounding alone.
+reference computed in the same dtype, or else no further from the fp64 reference (router in
+fp64 too) than rounding explains: 10x the same-dtype reference's own error, and 30x how far the
+fp64 result moves when the inputs and weights are perturbed at the dtype's rounding. Without
+that second test, tiny cases fail on rounding alone: ill-conditioned gradients (e.g. a
+scale-invariant RMSNorm of rank-1 expert outputs), or at T = 1 with a large aux-loss
+coefficient, router gradients ~1e-4 beside aux terms ~E, where fp32 sums in another order
+differ at 1e-3.
 """
 
 import os
@@ -90,7 +92,9 @@ def mismatches(seed: int, backend: str) -> dict:
         def scaled(t):
             return t * (1 + perturb * torch.randn(t.shape, generator=g, device=DEVICE,
                                                    dtype=t.dtype))
-        model = MoEAdapter(cfg, backend=backend).to(DEVICE, torch.float64)
+        exact = dt == torch.float64  # with the router in fp64 too
+        model = MoEAdapter(cfg.replace(router_dtype="float64") if exact else cfg,
+                           backend=backend).to(DEVICE, torch.float64)
         model.load_state_dict({n: scaled(w) for n, w in weights.items()})
         return gradients(model.to(dt), scaled(x.double()).to(dt), dy.to(dt), frozen, x_grad)
 
@@ -121,7 +125,7 @@ def mismatches(seed: int, backend: str) -> dict:
         e_got, e_want = rel_err(t.double(), exact[name]), rel_err(w.double(), exact[name])
         e_moved = rel_err(moved[name], exact[name])
         negligible = float(exact[name].norm()) <= 1e-6 * scale  # zero but for rounding
-        if not negligible and e_got > max(tol, 4 * e_want, 30 * e_moved):
+        if not negligible and e_got > max(tol, 10 * e_want, 30 * e_moved):
             bad[name] = (f"rel_err {rel_err(t, w):.1e} to the {dtype} reference; to fp64 "
                          f"{e_got:.1e} (reference {e_want:.1e}, perturbed fp64 {e_moved:.1e})")
     return bad
