@@ -119,34 +119,31 @@ def fused_forward(cfg: MoEAdapterConfig, x, prm: dict, save: bool, kernels: str)
     return y, logits, gates, ids, aux, (saved if save else {})
 
 
-def _routed_backward(kn, cfg, dz, u, prm, s, needs, grads, need_u):
-    """Gradients through the routed experts given dz, the gradient of their gate-weighted sum.
-    Fills the experts' entries of ``grads``; returns (du_pairs, dgates): du_pairs [T*k, d] the
-    input gradient of each (token, slot) pair, in pair order (None unless ``need_u``; the sum
-    over the k slots is done by ``input_grad``), dgates [T, k] fp32.
-
-    dW2 is computed from g * act(pre), recomputed in one elementwise pass once dpre1 is freed
-    (so the peak memory does not grow): computing the activation and scale inside the
-    weight-gradient GEMM's loop halved its speed (GPU session 2: 193 vs 397 TFLOP/s). With
-    biases the bias gradient needs the scaled rows of dz, so that case keeps the fused kernel.
-    """
-    k, act = cfg.top_k, cfg.expert_activation
-    sp, off, gates = s["sorted_pair"], s["offsets"], s["gates"]
-    dpre1, dgates = kn.expert_dact(dz, prm["w2"], s["pre1"], sp, off, gates, k, act)
+def _routed_dact(kn, cfg, dz, prm, s):
+    """(dpre1, dgates): the routed experts' activation backward given dz, the gradient of their
+    gate-weighted sum: dpre1 [T*k, F'] the gradient of the saved pre-activation (sorted
+    rows), dgates [T, k] fp32 the gate gradient."""
+    dpre1, dgates = kn.expert_dact(dz, prm["w2"], s["pre1"], s["sorted_pair"], s["offsets"],
+                                   s["gates"], cfg.top_k, cfg.expert_activation)
     if prm["b2"] is not None:  # each slot's output also carries its expert's b2
         dgates = dgates + (dz.float() @ prm["b2"].float().t()).gather(1, s["ids"].long())
-    if needs["w1"] or needs["b1"]:
-        grads["w1"], grads["b1"] = kn.weight_grad_op(u, dpre1, off, sp, k, 0, None, "identity",
-                                                     cfg.bias)
-    du_pairs = kn.expert_dx(dpre1, prm["w1"], sp, off) if need_u else None
-    del dpre1
+    return dpre1, dgates
+
+
+def _routed_w2_grad(kn, cfg, dz, s, needs, grads):
+    """The w2 (and b2) entries of ``grads``, from dz and the saved pre-activation.
+
+    dW2 is computed from g * act(pre), recomputed in one elementwise pass: computing the activation and scale inside the weight-gradient GEMM's loop
+    halved its speed (GPU session 2: 193 vs 397 TFLOP/s). With biases the bias gradient needs
+    the scaled rows of dz, so that case keeps the fused kernel."""
+    k, act = cfg.top_k, cfg.expert_activation
+    sp, off, gates = s["sorted_pair"], s["offsets"], s["gates"]
     if cfg.bias and (needs["w2"] or needs["b2"]):
         grads["w2"], grads["b2"] = kn.weight_grad_op(s["pre1"], dz, off, sp, 0, k,
                                                      gates.reshape(-1), act, True)
     elif needs["w2"]:
         h = kn.scaled_activation(s["pre1"], act, gates, sp)
         grads["w2"] = kn.weight_grad_op(h, dz, off, sp, 0, k, None, "identity")[0]
-    return du_pairs, dgates
 
 
 def _mlp_backward(kn, dc, a, pre, prm, cfg, needs, grads, need_a):
@@ -177,7 +174,14 @@ class MoEAdapterFunction(torch.autograd.Function):
     """y, logits, topk_weights, topk_ids, L_aux = MoEAdapterFunction.apply(cfg, kernels, x,
     *params)
     with ``kernels`` a key of :data:`KERNELS` and params in the order of :data:`PARAMS` (None
-    where the config has none)."""
+    where the config has none).
+
+    The backward's order is chosen for its peak memory: output norm, shared MLP, the routed
+    activation backward, the routed experts' input gradient per (token, slot) pair, input_grad
+    (the sum over the k slots, the router and the input norm: dx), and only then the gate and
+    routed weight gradients. So the per-pair input gradients [T*k, d], the largest temporary,
+    are freed before dW1, dW2 and dW2's g*act(pre) are allocated (paper preset, estimated with
+    ``benchmarks.memory``: 344 -> 294 MiB at T = 2048, 837 -> 798 MiB at T = 8192)."""
 
     @staticmethod
     def forward(ctx, cfg, kernels, x, *params):
@@ -211,20 +215,32 @@ class MoEAdapterFunction(torch.autograd.Function):
         else:
             hm = _norm(kn, s["zm"], prm, "mid", cfg)[0]
             dhm = _mlp_backward(kn, dz, hm, s["pre_s"], prm, cfg, needs, grads, True)
+            del hm
             dz_routed = _norm_grad(kn, dhm, s["zm"], prm, "mid", s["mean_mid"], s["rstd_mid"], cfg,
                                    grads)
-        du_pairs, dgates = _routed_backward(kn, cfg, dz_routed.contiguous(), u, prm, s, needs,
-                                            grads, need_u)
+            del dhm
+        del dz
+        dz_routed = dz_routed.contiguous()
+        dpre1, dgates = _routed_dact(kn, cfg, dz_routed, prm, s)
+        sp, off = s["sorted_pair"], s["offsets"]
+        # the routed experts' input gradient per (token, slot) pair; input_grad sums the k slots
+        du_pairs = kn.expert_dx(dpre1, prm["w1"], sp, off) if need_u else None
         T = x.shape[0]
         # L_aux = E / T^2 * sum_e (sum of e's gates) * (pairs routed to e)
         aux_scale = cfg.num_experts / (T * T) if T and cfg.aux_loss_variant == "topk" else 0.0
         kind = cfg.norm_at("in")
         dx, dlogits, dnw, dnb = kn.input_grad(
-            du_pairs, du_shared, dgates, dgates_out, dlogits, s["gates"], s["ids"], s["offsets"],
+            du_pairs, du_shared, dgates, dgates_out, dlogits, s["gates"], s["ids"], off,
             daux, aux_scale, prm["w_gate"], x, prm["norm_in.weight"], prm["norm_in.bias"],
             s["mean_in"], s["rstd_in"], kind)
+        del du_pairs, du_shared  # freed before the weight gradients: see the class docstring
         if needs["w_gate"]:
             grads["w_gate"] = kn.gate_grad(u, dlogits).to(prm["w_gate"].dtype)
+        if needs["w1"] or needs["b1"]:
+            grads["w1"], grads["b1"] = kn.weight_grad_op(u, dpre1, off, sp, cfg.top_k, 0, None,
+                                                         "identity", cfg.bias)
+        del u, dpre1
+        _routed_w2_grad(kn, cfg, dz_routed, s, needs, grads)
         grads["norm_in.weight"], grads["norm_in.bias"] = dnw, dnb  # returned only if needed
         dx = dx if need_u else None
         return (None, None, dx, *(grads[n] if needs[n] else None for n in PARAMS))
