@@ -133,9 +133,10 @@ def _routed_dact(kn, cfg, dz, prm, s):
 def _routed_w2_grad(kn, cfg, dz, s, needs, grads):
     """The w2 (and b2) entries of ``grads``, from dz and the saved pre-activation.
 
-    dW2 is computed from g * act(pre), recomputed in one elementwise pass: computing the activation and scale inside the weight-gradient GEMM's loop
-    halved its speed (GPU session 2: 193 vs 397 TFLOP/s). With biases the bias gradient needs
-    the scaled rows of dz, so that case keeps the fused kernel."""
+    dW2 is computed from g * act(pre), recomputed in one elementwise pass: computing the
+    activation and scale inside the weight-gradient GEMM's loop halved its speed (GPU session
+    2: 193 vs 397 TFLOP/s). With biases the bias gradient needs the scaled rows of dz, so that
+    case keeps the fused kernel."""
     k, act = cfg.top_k, cfg.expert_activation
     sp, off, gates = s["sorted_pair"], s["offsets"], s["gates"]
     if cfg.bias and (needs["w2"] or needs["b2"]):
