@@ -24,21 +24,40 @@ import sys
 import time
 
 
+def triton_backend_without_gpu(tool: str) -> None:
+    """Let ``tool`` run the Triton backend on CPU tensors with its launches stubbed: the
+    kernels must load through the compiled path's launchers (not the interpreter's), and the
+    backend is declared usable although there is no GPU."""
+    if (os.environ.pop("TRITON_INTERPRET", None) == "1"
+            and "moe_adapter_kernels.ops" in sys.modules):
+        raise RuntimeError(f"{tool}: the kernels were loaded under TRITON_INTERPRET=1; run it "
+                           "in a fresh process without it")
+    from moe_adapter_kernels import backends
+    backends.triton_status = lambda: (True, f"launches stubbed by {tool}")
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """Every Triton launch inside is a no-op; yields the list that gets one entry per launch."""
+    from triton.runtime.jit import JITFunction
+    launched, run = [], JITFunction.run
+    JITFunction.run = lambda self, *a, **k: launched.append(None)
+    try:
+        yield launched
+    finally:
+        JITFunction.run = run
+
+
 def measure(tokens: int, iters: int, preset: str, launcher: bool = False) -> dict:
     """Per forward over ``iters`` calls: {"total_us": median, "launches": count, "ops": {name:
     mean us}}. ``launcher``: Triton's launch path up to the driver runs (else a no-op)."""
-    if (os.environ.pop("TRITON_INTERPRET", None) == "1"
-            and "moe_adapter_kernels.ops" in sys.modules):
-        raise RuntimeError("benchmarks.host: the kernels were loaded under TRITON_INTERPRET=1; "
-                           "run it in a fresh process without it")
+    triton_backend_without_gpu("benchmarks.host")
     import torch
-    from triton.runtime.jit import JITFunction
 
     from benchmarks.sm90 import jit_without_gpu
-    from moe_adapter_kernels import MoEAdapter, MoEAdapterConfig, backends, ops  # noqa: F401
+    from moe_adapter_kernels import MoEAdapter, MoEAdapterConfig, ops  # noqa: F401
     from moe_adapter_kernels.autograd import EAGER_KERNELS
 
-    backends.triton_status = lambda: (True, "launches stubbed by benchmarks.host")
     spent = collections.defaultdict(float)
     kernels = EAGER_KERNELS["triton"]
     for name, fn in list(vars(kernels).items()):
@@ -52,12 +71,7 @@ def measure(tokens: int, iters: int, preset: str, launcher: bool = False) -> dic
     x = torch.randn(tokens, model.config.d_in)
     totals = []
     with contextlib.ExitStack() as stack, torch.no_grad():
-        if launcher:
-            launched = stack.enter_context(jit_without_gpu())
-        else:
-            launched, run = [], JITFunction.run
-            JITFunction.run = lambda self, *a, **k: launched.append(None)
-            stack.callback(setattr, JITFunction, "run", run)
+        launched = stack.enter_context(jit_without_gpu() if launcher else stubbed_launches())
         for i in range(iters + 10):  # 10 warm-up calls (with --launcher: the compiles)
             if i == 10:
                 spent.clear()

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 import weakref
+
+from benchmarks.host import stubbed_launches, triton_backend_without_gpu
 
 
 @contextlib.contextmanager
@@ -72,29 +73,26 @@ def step_peak_mib(model, tokens: int, dtype) -> float:
 
 
 def measure(tokens, models, preset: str, dtype_name: str) -> list[dict]:
-    if (os.environ.pop("TRITON_INTERPRET", None) == "1"
-            and "moe_adapter_kernels.ops" in sys.modules):
-        raise RuntimeError("benchmarks.memory: the kernels were loaded under TRITON_INTERPRET=1;"
-                           " run it in a fresh process without it")
+    triton_backend_without_gpu("benchmarks.memory")
     import torch
-    from triton.runtime.jit import JITFunction
 
     from benchmarks.bench import DTYPES
     from moe_adapter_kernels import (DenseAdapter, DenseAdapterConfig, MoEAdapter,
-                                     MoEAdapterConfig, backends)
+                                     MoEAdapterConfig)
 
     dtype = DTYPES[dtype_name]
-    backends.triton_status = lambda: (True, "launches stubbed by benchmarks.memory")
-    JITFunction.run = lambda self, *a, **k: None
     torch.manual_seed(0)
     built = {"dense": lambda: DenseAdapter(DenseAdapterConfig.paper()),
              "moe": lambda: MoEAdapter(MoEAdapterConfig.preset(preset), backend="triton")}
     rows = []
-    for name in models:
-        model = built[name]().to(dtype)
-        for T in tokens:
-            rows.append({"model": name, "tokens": T, "peak_mib": step_peak_mib(model, T, dtype)})
-            print(f"  {name} T={T}: {rows[-1]['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    with stubbed_launches():
+        for name in models:
+            model = built[name]().to(dtype)
+            for T in tokens:
+                rows.append({"model": name, "tokens": T,
+                             "peak_mib": step_peak_mib(model, T, dtype)})
+                print(f"  {name} T={T}: {rows[-1]['peak_mib']:.0f} MiB", file=sys.stderr,
+                      flush=True)
     return rows
 
 

@@ -472,7 +472,6 @@ def test_triton_dense_launches_on_the_cublas_path(activation, bias, dtype):
                          pair_ids=sorted_pair, gather_div=2, config=tuning.CUBLAS)
 
 
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["silu", "swiglu", "gelu", "identity"])
 @pytest.mark.parametrize("T,k,experts", [(37, 2, None), (1, 2, None), (30, 1, [3]),
@@ -510,6 +509,7 @@ def test_triton_dact_split_path(activation, T, k, experts, dtype):
     assert rel_err(dense, lp.grad) < TOL[dtype]
     with pytest.raises(ValueError, match="out must be"):
         gg.grouped_gemm(dz, w2[0].t(), out=pre[:T, :N + 1])
+
 
 def test_grouped_mlp_is_up_then_down():
     ops = pytest.importorskip("moe_adapter_kernels.ops")

@@ -26,10 +26,9 @@ if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("MOE_ADAPTER_CUDA_EMULATE", "1")
 
 from moe_adapter_kernels import MoEAdapter, MoEAdapterConfig  # noqa: E402
-from moe_adapter_kernels.check import rel_err  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+from helpers import DEVICE, TOL, rel_err  # noqa: E402  (tests/ is on the path either way)
+
 ROUNDING = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
