@@ -15,6 +15,9 @@
 #   bench  per-kernel benchmarks (Triton; the CUDA extension at T = 8192), adapter benchmarks,
 #          and this host's cost per eager forward
 #   profile  every kernel of a training step by device time (torch.profiler), T = 8192, 65536
+#   first  what one call of a 15-minute lease can hold (run as `build first`): the GPU tests
+#          but the slowest, the benchmark of both fused backends (T = 2048..65536), the
+#          profile at T = 8192; carry a precompiled Triton cache (benchmarks/precompile.py)
 # What lands under $OUT (at most 8 files come back from the device tool): session.log;
 # results.tgz (build.log, tuned configs, kernels.json, bench*.json/.md); and the caches that
 # travel to the next call: the Triton kernel cache (triton.tgz.NN, 15 MB parts) and the built
@@ -48,7 +51,9 @@ run() {
   ((rc == 124)) && say "!! timed out after ${limit}s: $*"
   return "$rc"
 }
+kernels_in_cache() { ls "$TRITON_CACHE_DIR"/*/*.cubin 2>/dev/null | wc -l; }
 save_caches() {
+  say "+ [${SECONDS}s] Triton kernels: $CARRIED carried in, $(($(kernels_in_cache) - CARRIED)) compiled here"
   say "+ [${SECONDS}s] saving caches to \$OUT"
   tar cJf - -C "$TRITON_CACHE_DIR" . | split -b 15m -d - "$OUT/triton.tgz."
   ls moe_adapter_kernels/_C*.so >/dev/null 2>&1 && tar czf "$OUT/ext.tgz" -C .gpucache csrc.sha \
@@ -56,16 +61,18 @@ save_caches() {
   tar czf "$OUT/results.tgz" -C "$R" . && rm -rf "$R"
   ls -la "$OUT" | tee -a "$LOG"
 }
+CARRIED=0
 trap save_caches EXIT
 csrc_sha=$(cat csrc/*.cu csrc/*.cpp csrc/*.cuh csrc/*.h | sha256sum | cut -c1-16)
 mkdir -p "$TRITON_CACHE_DIR"
 ls .gpucache/triton.tgz.* >/dev/null 2>&1 && cat .gpucache/triton.tgz.* | tar xJf - -C "$TRITON_CACHE_DIR"
 [[ -f .gpucache/ext.tgz ]] && tar xzf .gpucache/ext.tgz -C .gpucache
+CARRIED=$(kernels_in_cache)
 run 30 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
 run 60 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-# gpu_tests [K]: the GPU tests selected by pytest -k K (all without K)
+# gpu_tests [K [LIMIT]]: the GPU tests selected by pytest -k K (all without K)
 gpu_tests() {
-  run 300 python -m pytest -m gpu -q -rf -n 4 --durations=15 -p no:cacheprovider \
+  run "${2:-300}" python -m pytest -m gpu -q -rf -n 4 --durations=15 -p no:cacheprovider \
       ${1:+-k "$1"} tests/test_gpu.py
 }
 BUILD_PID=
@@ -114,9 +121,19 @@ for stage in $stages; do
                --markdown "$R/bench.md"
            run 120 python -m moe_adapter_kernels.cli bench --graphs --tokens 512 2048 8192 \
                --json "$R/bench-graphs.json" --markdown "$R/bench-graphs.md" ;;
+    first) # the one call of a 15-minute lease, most needed first (NOTES.md): the GPU tests
+           # but the slow ones (torch.compile, transformers, the 200-step run), the benchmark
+           # of both fused backends, a kernel profile of a training step
+           gpu_tests "triton and not agree and not compile and not qwen2 and not training_run" 150
+           wait_build
+           gpu_tests "(cuda or agree) and not training_run and not bench_cli" 150
+           run 180 python -m moe_adapter_kernels.cli bench --tokens 2048 8192 32768 65536 \
+               --backends triton cuda --json "$R/bench.json" --markdown "$R/bench.md"
+           run 90 python -m benchmarks.step_profile --tokens 8192 --top 30 \
+               --json "$R/profile.json" ;;
     profile) run 150 python -m benchmarks.step_profile --tokens 8192 65536 --top 30 \
                --json "$R/profile.json" ;;
-    *) say "unknown stage $stage (build, gtriton, unit, gcuda, gpu, tune, bench, profile)"; exit 2 ;;
+    *) say "unknown stage $stage (build, gtriton, unit, gcuda, gpu, tune, bench, profile, first)"; exit 2 ;;
   esac
 done
 wait_build

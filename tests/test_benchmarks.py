@@ -260,3 +260,24 @@ def test_sass_profile_of_the_gemms(tmp_path):
     if cuda:
         for r in cuda:
             assert r["HMMA"] > 0 and r["LDSM"] > 0 and r["LD_generic"] == 0 and r["LDL"] == 0, r
+
+
+def test_precompile_fills_a_cache_the_next_process_finds(tmp_path):
+    """benchmarks.precompile (own process: compiled-path launchers) builds an inference forward
+    of the paper preset for sm_90 with the tiles the H100 table gives any sm_90 device (the
+    shared up-projection at T = 512: 128x256), packs the cache for the device, and a second
+    process finds every kernel in it (the keys are stable: what carrying the cache needs)."""
+    pytest.importorskip("triton")
+    cmd = [sys.executable, "-m", "benchmarks.precompile", "--out", str(tmp_path / "out"),
+           "--cache", str(tmp_path / "cache"), "--presets", "paper", "--tokens", "512",
+           "--modes", "infer"]
+    runs = [subprocess.run(cmd, capture_output=True, text=True, env=compiler_env(), cwd=ROOT,
+                           timeout=600) for _ in range(2)]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = (proc.stdout for proc in runs)
+    assert "9 kernels for sm_90 (9 compiled now" in first, first
+    assert "9 kernels for sm_90 (0 compiled now" in second, second
+    assert ("fwd|dense-silu|bfloat16|N10240|K2560|M512: BLOCK_M=128 BLOCK_N=256 BLOCK_K=64 "
+            "num_warps=8 num_stages=4") in first
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["triton.tgz.00"]
