@@ -292,11 +292,11 @@ def main(argv=None) -> int:
                 say(f"    {r['ms']:.3f} ms" + (f", {r['ratio']:.3f}x dense" if "ratio" in r
                                                  else ""))
                 rows.append(r)
+                with open(args.json, "w") as f:  # after every row: a run cut short keeps them
+                    json.dump({"meta": meta, "results": rows}, f, indent=2)
     table = format_table(rows)
     header = (f"{meta['device']}, {meta['dtype']}, {meta['execution']}, torch {meta['torch']}, "
               f"triton {meta['triton']}, commit {meta['commit']}, {meta['date']}")
-    with open(args.json, "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=2)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(header + "\n\n" + "\n".join(table) + "\n")
