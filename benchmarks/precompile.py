@@ -45,6 +45,7 @@ BENCH_TOKENS = [512, 2048, 8192, 32768, 65536]
 DEFAULT_CASES = [
     (["paper"], ["bfloat16"], BENCH_TOKENS, ["infer", "train"]),
     (["paper"], ["bfloat16"], [4096], ["train"]),
+    (["paper"], ["bfloat16", "float16", "float32"], [4099], ["train"]),
     (["paper", "post-swiglu", "16c4", "8c1"], ["bfloat16", "float16", "float32"],
      [1, 777, 8192], ["train"]),
 ]
