@@ -36,14 +36,14 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.bench import GPU_TOKENS
 from benchmarks.host import triton_backend_without_gpu
 
 # gpu_session.sh's TRITON_CACHE_DIR: a cache's group files name their members by absolute path
 DEVICE_CACHE = "/tmp/triton-cache"
-BENCH_TOKENS = [512, 2048, 8192, 32768, 65536]
 # (presets, dtypes, token counts, modes): the benchmark, then tests/test_gpu.py's cases
 DEFAULT_CASES = [
-    (["paper"], ["bfloat16"], BENCH_TOKENS, ["infer", "train"]),
+    (["paper"], ["bfloat16"], GPU_TOKENS, ["infer", "train"]),
     (["paper"], ["bfloat16"], [4096], ["train"]),
     (["paper"], ["bfloat16", "float16", "float32"], [4099], ["train"]),
     (["paper", "post-swiglu", "16c4", "8c1"], ["bfloat16", "float16", "float32"],
