@@ -37,7 +37,8 @@ def test_kernels_stay_in_bounds_under_address_sanitizer():
     """The kernel tests of the cuda backend (every kernel, forward and backward) again, on the
     emulator built with AddressSanitizer (MOE_ADAPTER_CUDA_EMULATE=asan): a kernel reading or
     writing past a tensor's end, which faults on a GPU but may go unnoticed on the emulator,
-    aborts them."""
+    aborts them. Their bf16 cases (dtype2) are left out: bf16 and fp16 instantiate the same
+    kernel templates with the same indexing."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the real kernels run there")
     if shutil.which("gcc") is None:
@@ -50,7 +51,7 @@ def test_kernels_stay_in_bounds_under_address_sanitizer():
                ASAN_OPTIONS="detect_leaks=0")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-                           "-k", "cuda", "tests/test_fused_ops.py"],
+                           "-k", "cuda and not dtype2", "tests/test_fused_ops.py"],
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=1200)
     out = proc.stdout + proc.stderr  # -s: an ASan report reaches us before the abort
     report = out.find("ERROR: AddressSanitizer")
