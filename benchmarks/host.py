@@ -36,6 +36,15 @@ def triton_backend_without_gpu(tool: str) -> None:
     backends.triton_status = lambda: (True, f"launches stubbed by {tool}")
 
 
+def empty_ops() -> set:
+    """The aten ops that make uninitialised tensors (what the tools zero-fill, so the PyTorch
+    ops between stubbed launches index safely)."""
+    import torch
+    aten = torch.ops.aten
+    return {aten.empty.memory_format, aten.empty_like.default, aten.new_empty.default,
+            aten.empty_strided.default, aten.new_empty_strided.default}
+
+
 @contextlib.contextmanager
 def stubbed_launches():
     """Every Triton launch inside is a no-op; yields the list that gets one entry per launch."""

@@ -21,7 +21,7 @@ import contextlib
 import sys
 import weakref
 
-from benchmarks.host import stubbed_launches, triton_backend_without_gpu
+from benchmarks.host import empty_ops, stubbed_launches, triton_backend_without_gpu
 
 
 @contextlib.contextmanager
@@ -33,9 +33,7 @@ def peak_tracker():
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
-    aten = torch.ops.aten
-    empty = {aten.empty.memory_format, aten.empty_like.default, aten.new_empty.default,
-             aten.empty_strided.default, aten.new_empty_strided.default}
+    empty = empty_ops()
     live, seen = {}, {"peak": 0}
 
     class Track(TorchDispatchMode):

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench import GPU_TOKENS
-from benchmarks.host import triton_backend_without_gpu
+from benchmarks.host import empty_ops, triton_backend_without_gpu
 
 # gpu_session.sh's TRITON_CACHE_DIR: a cache's group files name their members by absolute path
 DEVICE_CACHE = "/tmp/triton-cache"
@@ -58,9 +58,7 @@ def nothing_computed():
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_map_only
 
-    aten = torch.ops.aten
-    empty = {aten.empty.memory_format, aten.empty_like.default, aten.new_empty.default,
-             aten.empty_strided.default, aten.new_empty_strided.default}
+    aten, empty = torch.ops.aten, empty_ops()
     products = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
 
     class Skip(TorchDispatchMode):
@@ -83,17 +81,13 @@ def stand_in_tiles(table: str, picked: dict):
     every tuning key looked up lands in ``picked`` with the config it got."""
     import importlib
 
-    from moe_adapter_kernels.ops import tuning
     gg = importlib.import_module("moe_adapter_kernels.ops.grouped_gemm")
     wg = importlib.import_module("moe_adapter_kernels.ops.weight_grad")
     original = gg.pick_config
 
     def pick(key, a):
-        tuned = tuning.lookup(table, key)
-        cfg = (gg.default_config(a.dtype) if tuned is None
-               else {k: v for k, v in tuned.items() if k != "ms"})
-        picked[key] = cfg
-        return cfg
+        picked[key] = gg.tuned_config(table, key, a.dtype)
+        return picked[key]
 
     gg.pick_config = wg.pick_config = pick
     try:

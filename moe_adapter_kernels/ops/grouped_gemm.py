@@ -289,14 +289,19 @@ def dact_key(dc, w, preact, activation, *, offsets=None, **_) -> str:
                             dc.dtype, preact.shape[0], w.shape[-2], dc.shape[1])
 
 
+def tuned_config(table: str | None, key: str, dtype: torch.dtype) -> dict:
+    """The entry for ``key`` in the tuned ``table`` (without its timing), else the default."""
+    tuned = tuning.lookup(table, key) if table else None
+    if tuned is None:
+        return default_config(dtype)
+    return {k: v for k, v in tuned.items() if k != "ms"}
+
+
 def pick_config(key: str, a: torch.Tensor) -> dict:
     """The committed tuned config for this device (or its stand-in) and shape, else the
     default."""
-    if a.is_cuda and not interpreting():
-        tuned = tuning.lookup(tuning.launch_table(a.device.index or 0), key)
-        if tuned is not None:
-            return {k: v for k, v in tuned.items() if k != "ms"}
-    return default_config(a.dtype)
+    table = tuning.launch_table(a.device.index or 0) if a.is_cuda and not interpreting() else None
+    return tuned_config(table, key, a.dtype)
 
 
 def _via_cublas(op: str, cfg: dict, routed) -> bool:
