@@ -11,7 +11,10 @@ shared MLP's cuBLAS GEMMs in the backward, the dense adapter) run for real, on t
 Checked against the H100 run of commit 0d3fe47 (bf16, paper preset, T = 512 / 2048): MoE 221 /
 344 MiB here, 223 / 352 there; dense 150 / 358 here, 154 / 366 there.
 
-    python -m benchmarks.memory --tokens 512 2048 [--models moe dense]
+    python -m benchmarks.memory --tokens 512 2048 [--models moe dense] [--autocast]
+
+``--autocast``: fp32 weights, the step under torch.autocast in ``--dtype`` (mixed-precision
+training; its bf16 weight copies count, as they do on a GPU).
 """
 
 from __future__ import annotations
@@ -57,20 +60,24 @@ def peak_tracker():
         yield seen
 
 
-def step_peak_mib(model, tokens: int, dtype) -> float:
+def step_peak_mib(model, tokens: int, dtype, autocast: bool = False) -> float:
     """Peak MiB of a training step of ``model`` above what was in use before it (weights, the
-    input, their gradients from a first step, as in ``benchmarks.bench``)."""
+    input, their gradients from a first step, as in ``benchmarks.bench``); ``autocast``: the
+    step runs under torch.autocast in ``dtype``."""
     import torch
 
     from benchmarks.bench import training_step
     x = torch.randn(tokens, model.config.d_in, dtype=dtype).requires_grad_(True)
-    training_step(model, x)
-    with peak_tracker() as seen:
+    mixed = torch.autocast("cpu", dtype=dtype, enabled=autocast)
+    with mixed:
+        training_step(model, x)
+    with peak_tracker() as seen, mixed:
         training_step(model, x)
     return seen["peak"] / 2**20
 
 
-def measure(tokens, models, preset: str, dtype_name: str) -> list[dict]:
+def measure(tokens, models, preset: str, dtype_name: str, autocast: bool = False
+            ) -> list[dict]:
     triton_backend_without_gpu("benchmarks.memory")
     import torch
 
@@ -85,10 +92,10 @@ def measure(tokens, models, preset: str, dtype_name: str) -> list[dict]:
     rows = []
     with stubbed_launches():
         for name in models:
-            model = built[name]().to(dtype)
+            model = built[name]() if autocast else built[name]().to(dtype)
             for T in tokens:
                 rows.append({"model": name, "tokens": T,
-                             "peak_mib": step_peak_mib(model, T, dtype)})
+                             "peak_mib": step_peak_mib(model, T, dtype, autocast)})
                 print(f"  {name} T={T}: {rows[-1]['peak_mib']:.0f} MiB", file=sys.stderr,
                       flush=True)
     return rows
@@ -101,9 +108,12 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=["moe", "dense"], choices=["moe", "dense"])
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--autocast", action="store_true",
+                    help="fp32 weights, the step under torch.autocast in --dtype")
     args = ap.parse_args(argv)
-    rows = measure(args.tokens, args.models, args.preset, args.dtype)
-    print(f"peak MiB of a training step above weights and gradients ({args.dtype}, preset "
+    rows = measure(args.tokens, args.models, args.preset, args.dtype, args.autocast)
+    how = f"fp32 weights, autocast to {args.dtype}" if args.autocast else args.dtype
+    print(f"peak MiB of a training step above weights and gradients ({how}, preset "
           f"{args.preset}, estimated on the CPU with the Triton launches stubbed):")
     dense = {r["tokens"]: r["peak_mib"] for r in rows if r["model"] == "dense"}
     print("| T | model | peak MiB | mem/dense |\n|---|---|---|---|")

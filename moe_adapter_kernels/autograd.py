@@ -22,6 +22,7 @@ the same names and signatures.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -130,24 +131,32 @@ def _routed_dact(kn, cfg, dz, prm, s):
     return dpre1, dgates
 
 
-def _routed_w2_grad(kn, cfg, dz, s, needs, grads):
-    """The w2 (and b2) entries of ``grads``, from dz and the saved pre-activation.
+def _routed_w2_grads(kn, cfg, dz, pre1, sp, off, gates):
+    """(dW2, db2) of the routed experts, from dz and the saved pre-activation.
 
     dW2 is computed from g * act(pre), recomputed in one elementwise pass: computing the
     activation and scale inside the weight-gradient GEMM's loop halved its speed (GPU session
     2: 193 vs 397 TFLOP/s). With biases the bias gradient needs the scaled rows of dz, so that
     case keeps the fused kernel."""
     k, act = cfg.top_k, cfg.expert_activation
-    sp, off, gates = s["sorted_pair"], s["offsets"], s["gates"]
-    if cfg.bias and (needs["w2"] or needs["b2"]):
-        grads["w2"], grads["b2"] = kn.weight_grad_op(s["pre1"], dz, off, sp, 0, k,
-                                                     gates.reshape(-1), act, True)
-    elif needs["w2"]:
-        h = kn.scaled_activation(s["pre1"], act, gates, sp)
-        grads["w2"] = kn.weight_grad_op(h, dz, off, sp, 0, k, None, "identity")[0]
+    if cfg.bias:
+        return kn.weight_grad_op(pre1, dz, off, sp, 0, k, gates.reshape(-1), act, True)
+    h = kn.scaled_activation(pre1, act, gates, sp)
+    return kn.weight_grad_op(h, dz, off, sp, 0, k, None, "identity")[0], None
 
 
-def _mlp_backward(kn, dc, a, pre, prm, cfg, needs, grads, need_a):
+def _linear_grads(a, dout, need_w, need_b):
+    """(a^T @ dout, column sums of dout): the weight and bias gradients of a linear layer."""
+    return (a.t() @ dout if need_w else None,
+            dout.sum(0, dtype=torch.float32).to(dout.dtype) if need_b else None)
+
+
+def _shared_w2_grads(pre, act, dc, need_w, need_b):
+    """The shared MLP's second linear layer's gradients; its input act(pre) is recomputed."""
+    return _linear_grads(reference.activation(pre, act) if need_w else None, dc, need_w, need_b)
+
+
+def _mlp_backward(kn, dc, a, pre, prm, cfg, grads, need_a):
     """Gradients of the shared / aggregation MLP c = act(a @ W1 + b1) @ W2 + b2 given dc.
 
     Only dc @ W2^T with the activation's backward fused runs in our kernels (from
@@ -156,39 +165,104 @@ def _mlp_backward(kn, dc, a, pre, prm, cfg, needs, grads, need_a):
     cuBLAS (torch.matmul), which the issue allows for the shared expert and which ran them at
     ~730 TFLOP/s against our kernels' 370-445 (H100, GPU session 2). The hidden act(pre) for
     dW2 is recomputed after dpre is freed, so the peak memory does not grow."""
-    act = cfg.shared_activation
+    act, needs = cfg.shared_activation, grads.needs
     dpre = _dense(kn).linear_dact(dc, prm["shared_w2"], pre, act)
-    if needs["shared_w1"]:
-        grads["shared_w1"] = a.t() @ dpre
-    if needs["shared_b1"]:
-        grads["shared_b1"] = dpre.sum(0, dtype=torch.float32).to(dpre.dtype)
+    grads.compute(("shared_w1", "shared_b1"), _linear_grads, a, dpre, needs["shared_w1"],
+                  needs["shared_b1"])
     da = dpre @ prm["shared_w1"].t() if need_a else None
     del dpre
-    if needs["shared_w2"]:
-        grads["shared_w2"] = reference.activation(pre, act).t() @ dc
-    if needs["shared_b2"]:
-        grads["shared_b2"] = dc.sum(0, dtype=torch.float32).to(dc.dtype)
+    grads.compute(("shared_w2", "shared_b2"), _shared_w2_grads, pre, act, dc,
+                  needs["shared_w2"], needs["shared_b2"])
     return da
 
 
+# The four large weights' gradients (with their biases), in the order their deferred nodes
+# run: each frees its inputs (dpre of the shared MLP first, the largest) before the next.
+WEIGHT_GROUPS = (("shared_w1", "shared_b1"), ("w1", "b1"), ("shared_w2", "shared_b2"),
+                 ("w2", "b2"))
+
+# Whether a training forward gives each weight group its own autograd node (see
+# :class:`DeferredWeightGrad`); False: MoEAdapterFunction returns all gradients itself.
+DEFER_WEIGHT_GRADS = True
+
+
+class Deferred:
+    """What MoEAdapterFunction's backward leaves to the DeferredWeightGrad nodes of one
+    forward: ``groups`` (theirs, in the order of their links), ``needs`` (which of their
+    tensors require grad), ``work`` (per group, the call that computes its gradients, holding
+    just the tensors it reads) and ``live`` (the groups whose node runs in the current
+    backward)."""
+
+    def __init__(self):
+        self.groups, self.needs, self.work, self.live = [], {}, {}, set()
+
+
+class DeferredWeightGrad(torch.autograd.Function):
+    """One autograd node per weight group: ``link = DeferredWeightGrad.apply(deferred, group,
+    w, b)`` (an empty tensor) goes into MoEAdapterFunction in place of the weight's gradient
+    path, so the engine runs this node after that backward and, before the next such node,
+    hands its gradient to autograd (``.grad`` or the cast node under autocast). A single node
+    would return the four weight gradients at once (94.4M parameters, 180 MiB in bf16): the
+    peak of a step at small T, above the dense adapter's, whose two linear layers hand theirs
+    over one at a time. The engine runs the node created last first, so the caller creates
+    them in the reverse of :data:`WEIGHT_GROUPS`."""
+
+    @staticmethod
+    def forward(ctx, deferred, group, *tensors):
+        ctx.deferred, ctx.group = deferred, group
+        return tensors[0].new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _):
+        work = ctx.deferred.work.pop(ctx.group, None)
+        if work is None:
+            raise RuntimeError(f"moe_adapter_kernels: no deferred gradient for {ctx.group}; "
+                               "MoEAdapterFunction's backward did not run first")
+        grads = work()
+        return (None, None, *(g if need else None
+                              for g, need in zip(grads, ctx.needs_input_grad[2:])))
+
+
+class WeightGrads(dict):
+    """The gradients of one backward by parameter name, and ``needs``, which of them autograd
+    wants. ``compute(group, fn, *args)`` stores fn(*args)'s gradients of that group, or, when
+    the group has a DeferredWeightGrad node in this backward, leaves the call to it."""
+
+    def __init__(self, needs, deferred):
+        super().__init__(dict.fromkeys(PARAMS))
+        self.needs, self.deferred = needs, deferred
+
+    def compute(self, group, fn, *args):
+        if not any(self.needs[n] for n in group):
+            return
+        if self.deferred is not None and group in self.deferred.live:
+            self.deferred.work[group] = functools.partial(fn, *args)
+        else:
+            self.update(zip(group, fn(*args)))
+
+
 class MoEAdapterFunction(torch.autograd.Function):
-    """y, logits, topk_weights, topk_ids, L_aux = MoEAdapterFunction.apply(cfg, kernels, x,
-    *params)
-    with ``kernels`` a key of :data:`KERNELS` and params in the order of :data:`PARAMS` (None
-    where the config has none).
+    """y, logits, topk_weights, topk_ids, L_aux = MoEAdapterFunction.apply(cfg, kernels,
+    deferred, x, *params, *links)
+    with ``kernels`` a key of :data:`KERNELS`, params in the order of :data:`PARAMS` (None
+    where the config has none), and ``deferred`` None or the :class:`Deferred` whose
+    DeferredWeightGrad nodes made ``links`` (the groups they stand for are passed detached).
 
     The backward's order is chosen for its peak memory: output norm, shared MLP, the routed
     activation backward, the routed experts' input gradient per (token, slot) pair, input_grad
     (the sum over the k slots, the router and the input norm: dx), and only then the gate and
     routed weight gradients. So the per-pair input gradients [T*k, d], the largest temporary,
     are freed before dW1, dW2 and dW2's g*act(pre) are allocated (paper preset, estimated with
-    ``benchmarks.memory``: 344 -> 294 MiB at T = 2048, 837 -> 798 MiB at T = 8192)."""
+    ``benchmarks.memory``: 344 -> 294 MiB at T = 2048, 837 -> 798 MiB at T = 8192). With
+    deferred groups their weight GEMMs run in those nodes instead, after this one returns."""
 
     @staticmethod
-    def forward(ctx, cfg, kernels, x, *params):
-        prm = dict(zip(PARAMS, params))
-        y, logits, gates, ids, aux, saved = fused_forward(cfg, x, prm, True, kernels)
-        ctx.cfg, ctx.kernels = cfg, kernels
+    def forward(ctx, cfg, kernels, deferred, x, *tensors):
+        params = tensors[:len(PARAMS)]
+        y, logits, gates, ids, aux, saved = fused_forward(cfg, x, dict(zip(PARAMS, params)),
+                                                          True, kernels)
+        ctx.cfg, ctx.kernels, ctx.deferred = cfg, kernels, deferred
+        ctx.links = [link.grad_fn for link in tensors[len(PARAMS):]]
         ctx.names = list(saved)
         ctx.save_for_backward(x, *params, *saved.values())
         ctx.mark_non_differentiable(ids)
@@ -196,14 +270,19 @@ class MoEAdapterFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dlogits, dgates_out, _, daux):
-        cfg, kn = ctx.cfg, op_set(ctx.kernels)
+        cfg, kn, deferred = ctx.cfg, op_set(ctx.kernels), ctx.deferred
         tensors = ctx.saved_tensors
         x = tensors[0]
         prm = dict(zip(PARAMS, tensors[1:1 + len(PARAMS)]))
         s = dict(zip(ctx.names, tensors[1 + len(PARAMS):]))
-        needs = dict(zip(("x",) + PARAMS, ctx.needs_input_grad[2:]))
+        needs = dict(zip(("x",) + PARAMS, ctx.needs_input_grad[3:]))
+        if deferred is not None:
+            deferred.work.clear()
+            deferred.live = {group for group, node in zip(deferred.groups, ctx.links)
+                             if _will_run(node)}
+            needs.update({n: deferred.needs[n] for g in deferred.live for n in g})
         need_u = needs["x"] or needs["norm_in.weight"] or needs["norm_in.bias"]
-        grads = dict.fromkeys(PARAMS)
+        grads = WeightGrads(needs, deferred)
         u = _norm(kn, x, prm, "in", cfg)[0]
 
         dz = _norm_grad(kn, dy.contiguous(), s["z"], prm, "out", s["mean_out"], s["rstd_out"], cfg,
@@ -212,10 +291,10 @@ class MoEAdapterFunction(torch.autograd.Function):
         if cfg.topology == "shared":
             dz_routed = dz
             if cfg.shared_dim:
-                du_shared = _mlp_backward(kn, dz, u, s["pre_s"], prm, cfg, needs, grads, need_u)
+                du_shared = _mlp_backward(kn, dz, u, s["pre_s"], prm, cfg, grads, need_u)
         else:
             hm = _norm(kn, s["zm"], prm, "mid", cfg)[0]
-            dhm = _mlp_backward(kn, dz, hm, s["pre_s"], prm, cfg, needs, grads, True)
+            dhm = _mlp_backward(kn, dz, hm, s["pre_s"], prm, cfg, grads, True)
             del hm
             dz_routed = _norm_grad(kn, dhm, s["zm"], prm, "mid", s["mean_mid"], s["rstd_mid"], cfg,
                                    grads)
@@ -237,14 +316,39 @@ class MoEAdapterFunction(torch.autograd.Function):
         del du_pairs, du_shared  # freed before the weight gradients: see the class docstring
         if needs["w_gate"]:
             grads["w_gate"] = kn.gate_grad(u, dlogits).to(prm["w_gate"].dtype)
-        if needs["w1"] or needs["b1"]:
-            grads["w1"], grads["b1"] = kn.weight_grad_op(u, dpre1, off, sp, cfg.top_k, 0, None,
-                                                         "identity", cfg.bias)
+        grads.compute(("w1", "b1"), kn.weight_grad_op, u, dpre1, off, sp, cfg.top_k, 0, None,
+                      "identity", cfg.bias)
         del u, dpre1
-        _routed_w2_grad(kn, cfg, dz_routed, s, needs, grads)
+        grads.compute(("w2", "b2"), _routed_w2_grads, kn, cfg, dz_routed, s["pre1"], sp, off,
+                      s["gates"])
         grads["norm_in.weight"], grads["norm_in.bias"] = dnw, dnb  # returned only if needed
         dx = dx if need_u else None
-        return (None, None, dx, *(grads[n] if needs[n] else None for n in PARAMS))
+        links = [x.new_empty(0) for _ in ctx.links]
+        return (None, None, None, dx,
+                *(grads[n] if ctx.needs_input_grad[4 + i] else None
+                  for i, n in enumerate(PARAMS)), *links)
+
+
+def _will_run(node) -> bool:
+    """Whether the running backward executes ``node`` (a torch.autograd.grad that asks for
+    other inputs only does not run the deferred weight gradients' nodes)."""
+    will_run = getattr(torch._C, "_will_engine_execute_node", None)
+    return True if will_run is None else will_run(node)
+
+
+def _defer(group, tensors, T: int) -> bool:
+    """Whether weight group ``group`` (its tensors, after the cast) gets a DeferredWeightGrad
+    node for a batch of T tokens. Not when nothing in it needs a gradient, nor for the shared
+    MLP's first layer when T >= its input width: its node would keep dpre [T, S] alive
+    through the rest of the backward, where computing dW1 [d, S] at once frees dpre (paper
+    preset, ``benchmarks.memory``: 758 vs 868 MiB at T = 8192; 217 vs 227 at T = 2048)."""
+    if not any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return group[0] != "shared_w1" or T < tensors[0].shape[0]
+
+
+def _cast(t, dtype):
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def moe_adapter_forward(x: torch.Tensor, p: dict, cfg: MoEAdapterConfig, kernels: str):
@@ -255,19 +359,36 @@ def moe_adapter_forward(x: torch.Tensor, p: dict, cfg: MoEAdapterConfig, kernels
     Differentiable through :class:`MoEAdapterFunction` when autograd needs it; under
     ``torch.no_grad()`` (or with nothing requiring grad) nothing is saved for backward.
     Parameters are cast to x's dtype (autocast runs fp32 weights in bf16/fp16 this way).
+    Outside torch.compile the weight groups that need gradients get DeferredWeightGrad nodes
+    (:data:`DEFER_WEIGHT_GRADS`).
     """
     if cfg.router_dtype != "float32":
         raise ValueError(f"router_dtype={cfg.router_dtype!r} is only supported by the torch "
                          "backend; the fused router computes in float32")
     x = x.contiguous()
-    params = [t if t is None or t.dtype == x.dtype else t.to(x.dtype)
-              for t in map(p.get, PARAMS)]
-    if torch.is_grad_enabled() and (x.requires_grad or any(
-            t is not None and t.requires_grad for t in params)):
-        y, logits, gates, ids, aux = MoEAdapterFunction.apply(cfg, kernels, x, *params)
+    prm = {n: p.get(n) for n in PARAMS}
+    if not (torch.is_grad_enabled() and (x.requires_grad or any(
+            t is not None and t.requires_grad for t in prm.values()))):
+        prm = {n: _cast(t, x.dtype) for n, t in prm.items()}
+        y, logits, gates, ids, aux, _ = fused_forward(cfg, x, prm, False, kernels)
     else:
-        y, logits, gates, ids, aux, _ = fused_forward(cfg, x, dict(zip(PARAMS, params)), False,
-                                                      kernels)
+        deferred, links = None, []
+        if DEFER_WEIGHT_GRADS and not torch.compiler.is_compiling():
+            deferred = Deferred()
+            for group in reversed(WEIGHT_GROUPS):  # the node created last runs first
+                ts = [_cast(prm[n], x.dtype) for n in group]
+                prm.update(zip(group, ts))
+                if _defer(group, ts, x.shape[0]):
+                    links.append(DeferredWeightGrad.apply(deferred, group, *ts))
+                    deferred.groups.append(group)
+                    for n, t in zip(group, ts):
+                        deferred.needs[n] = t is not None and t.requires_grad
+                        prm[n] = None if t is None else t.detach()
+            if not links:
+                deferred = None
+        prm = {n: _cast(t, x.dtype) for n, t in prm.items()}
+        y, logits, gates, ids, aux = MoEAdapterFunction.apply(
+            cfg, kernels, deferred, x, *prm.values(), *links)
     routing = reference.Routing(logits, ids, gates)
     if cfg.aux_loss_variant != "topk":
         aux = reference.aux_loss(routing, cfg.num_experts, cfg.aux_loss_variant)

@@ -256,3 +256,41 @@ def test_short_training_run_tracks_the_reference(backend):
         curves[name] = torch.tensor(losses)
     assert curves[backend][-5:].mean() < 0.7 * curves[backend][:5].mean()  # it learns
     assert torch.allclose(curves[backend], curves["torch"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("T", [40, 100])  # 100 >= d_in: shared_w1 in the main node
+def test_deferred_weight_gradients_match_the_single_node(T, backend, monkeypatch):
+    """The weight groups' own autograd nodes give the same bits as the main node computing
+    every gradient itself (DEFER_WEIGHT_GRADS False, as under torch.compile)."""
+    from moe_adapter_kernels import autograd
+    cfg = small_config(bias=True)
+    _, fused = make_pair(cfg, backend)
+    x = torch.randn(T, cfg.d_in, device=DEVICE)
+    dy = torch.randn(T, cfg.d_out, device=DEVICE)
+    deferred = run(fused, x, dy)
+    fused.zero_grad(set_to_none=True)
+    monkeypatch.setattr(autograd, "DEFER_WEIGHT_GRADS", False)
+    single = run(fused, x, dy)
+    assert torch.equal(deferred[1], single[1])
+    assert all(torch.equal(deferred[2][n], single[2][n]) for n in single[2])
+
+
+def test_gradient_of_the_input_alone_leaves_no_deferred_work(backend):
+    """torch.autograd.grad for x only does not run the weight groups' nodes: the main node
+    then leaves them nothing (no tensors held until the graph goes), and the weight groups'
+    gradients come when asked for, from the same graph."""
+    cfg = small_config()
+    ref, fused = make_pair(cfg, backend)
+    x = torch.randn(30, cfg.d_in, device=DEVICE, requires_grad=True)
+    dy = torch.randn(30, cfg.d_out, device=DEVICE)
+    y = fused(x)
+    main = y.grad_fn.next_functions[0][0]
+    assert type(main).__name__ == "MoEAdapterFunctionBackward"
+    (dx,) = torch.autograd.grad(y, x, dy, retain_graph=True)
+    assert main.deferred.work == {} and fused.w1.grad is None
+    dw1, dw2 = torch.autograd.grad(y, (fused.w1, fused.w2), dy)
+    assert main.deferred.work == {}
+    y_r = ref(x)
+    for got, want in zip((dx, dw1, dw2), torch.autograd.grad(y_r, (x, ref.w1, ref.w2), dy)):
+        assert rel_err(got, want) < TOL[torch.float32]
+
