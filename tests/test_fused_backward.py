@@ -258,15 +258,17 @@ def test_short_training_run_tracks_the_reference(backend):
     assert torch.allclose(curves[backend], curves["torch"], rtol=1e-3)
 
 
-@pytest.mark.parametrize("T", [40, 100])  # 100 >= d_in: shared_w1 in the main node
+@pytest.mark.parametrize("T", [29, 41])  # 41 >= d_in: shared_w1 in the main node
 def test_deferred_weight_gradients_match_the_single_node(T, backend, monkeypatch):
     """The weight groups' own autograd nodes give the same bits as the main node computing
     every gradient itself (DEFER_WEIGHT_GRADS False, as under torch.compile)."""
     from moe_adapter_kernels import autograd
-    cfg = small_config(bias=True)
+    cfg = small_config(bias=True, d_in=40)
     _, fused = make_pair(cfg, backend)
     x = torch.randn(T, cfg.d_in, device=DEVICE)
     dy = torch.randn(T, cfg.d_out, device=DEVICE)
+    groups = fused(x).grad_fn.next_functions[0][0].deferred.groups
+    assert len(groups) == 3 + (T < cfg.d_in)
     deferred = run(fused, x, dy)
     fused.zero_grad(set_to_none=True)
     monkeypatch.setattr(autograd, "DEFER_WEIGHT_GRADS", False)
