@@ -296,3 +296,24 @@ def test_gradient_of_the_input_alone_leaves_no_deferred_work(backend):
     for got, want in zip((dx, dw1, dw2), torch.autograd.grad(y_r, (x, ref.w1, ref.w2), dy)):
         assert rel_err(got, want) < TOL[torch.float32]
 
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients(reentrant, backend):
+    """torch.utils.checkpoint around the adapter (the forward runs again in the backward; the
+    weight groups' nodes of the first forward, or of the second, do the weight gradients).
+    The reentrant variant runs the first forward under no_grad, so aux_loss has no graph
+    there (the README says so): that case trains without it."""
+    from torch.utils.checkpoint import checkpoint
+    cfg = small_config(aux_loss_coef=0.0 if reentrant else 0.01)
+    _, fused = make_pair(cfg, backend)
+    x = torch.randn(30, cfg.d_in, device=DEVICE)
+    dy = torch.randn(30, cfg.d_out, device=DEVICE)
+    plain = run(fused, x, dy)
+    fused.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_(True)
+    y = checkpoint(fused, xi, use_reentrant=reentrant)
+    assert fused.aux_loss.requires_grad != reentrant
+    ((y.double() * dy.double()).sum() + fused.aux_loss).backward()
+    assert torch.equal(y, plain[0]) and torch.equal(xi.grad, plain[1])
+    assert all(torch.equal(p.grad, plain[2][n]) for n, p in fused.named_parameters())
