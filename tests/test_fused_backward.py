@@ -230,22 +230,23 @@ def test_gradcheck_tiny(backend):
 
 
 def test_short_training_run_tracks_the_reference(backend):
-    """24 AdamW steps on a regression over heterogeneous token clusters: the fused backend's
-    loss curve tracks the reference backend's (fp32, interpreter-sized)."""
+    """16 AdamW steps of 24 tokens on a regression over heterogeneous token clusters: the
+    fused backend's loss curve tracks the reference backend's (fp32, interpreter-sized; the
+    GPU test runs 200 steps at the paper's sizes)."""
     cfg = small_config(d_in=32, d_out=24, expert_dim=16, shared_dim=32)
     gen = torch.Generator().manual_seed(0)
     centers = torch.randn(5, cfg.d_in, generator=gen) * 3
     target_map = torch.randn(cfg.d_in, cfg.d_out, generator=gen) / cfg.d_in ** 0.5
     data = []
-    for _ in range(24):
-        c = torch.randint(0, 5, (48,), generator=gen)
-        x = centers[c] + torch.randn(48, cfg.d_in, generator=gen)
+    for _ in range(16):
+        c = torch.randint(0, 5, (24,), generator=gen)
+        x = centers[c] + torch.randn(24, cfg.d_in, generator=gen)
         data.append((x.to(DEVICE), torch.tanh(x @ target_map).to(DEVICE)))
     curves = {}
     for name in ("torch", backend):
         torch.manual_seed(1)
         model = MoEAdapter(cfg, backend=name).to(DEVICE)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
         losses = []
         for x, target in data:
             loss = torch.nn.functional.mse_loss(model(x), target) + model.aux_loss
