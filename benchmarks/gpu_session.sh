@@ -16,7 +16,7 @@
 #          and this host's cost per eager forward
 #   profile  every kernel of a training step by device time (torch.profiler), T = 8192, 65536
 #   first  what one call of a 15-minute lease can hold (run as `build first`): the GPU tests
-#          but the slowest, the benchmark of both fused backends (T = 2048..65536), the
+#          but the slowest, the benchmark of both fused backends (T = 512..65536), the
 #          profile at T = 8192; carry a precompiled Triton cache (benchmarks/precompile.py)
 # What lands under $OUT (at most 8 files come back from the device tool): session.log;
 # results.tgz (build.log, tuned configs, kernels.json, bench*.json/.md); and the caches that
@@ -133,7 +133,7 @@ for stage in $stages; do
              say "!! no built extension (build.log): the CUDA backend's tests and bench skipped"
              fused=triton
            fi
-           run 180 python -m moe_adapter_kernels.cli bench --tokens 2048 8192 32768 65536 \
+           run 180 python -m moe_adapter_kernels.cli bench --tokens 512 2048 8192 32768 65536 \
                --backends $fused --json "$R/bench.json" --markdown "$R/bench.md"
            run 90 python -m benchmarks.step_profile --tokens 8192 --top 30 \
                --json "$R/profile.json" ;;
