@@ -189,13 +189,13 @@ DEFER_WEIGHT_GRADS = True
 
 class Deferred:
     """What MoEAdapterFunction's backward leaves to the DeferredWeightGrad nodes of one
-    forward: ``groups`` (theirs, in the order of their links), ``needs`` (which of their
-    tensors require grad), ``work`` (per group, the call that computes its gradients, holding
-    just the tensors it reads) and ``live`` (the groups whose node runs in the current
-    backward)."""
+    forward: ``work`` (per group, the call that computes its gradients, holding just the
+    tensors it reads) and ``live`` (the groups whose node runs in the current backward). The
+    nodes themselves say which group they stand for and which of its tensors need a gradient
+    (``group``, ``needs_input_grad``)."""
 
     def __init__(self):
-        self.groups, self.needs, self.work, self.live = [], {}, {}, set()
+        self.work, self.live = {}, set()
 
 
 class DeferredWeightGrad(torch.autograd.Function):
@@ -281,10 +281,10 @@ class MoEAdapterFunction(torch.autograd.Function):
         s = dict(zip(ctx.names, tensors[1 + len(PARAMS):]))
         needs = dict(zip(("x",) + PARAMS, ctx.needs_input_grad[3:]))
         if deferred is not None:
-            deferred.work.clear()
-            deferred.live = {group for group, node in zip(deferred.groups, ctx.links)
-                             if _will_run(node)}
-            needs.update({n: deferred.needs[n] for g in deferred.live for n in g})
+            live = [node for node in ctx.links if _will_run(node)]
+            deferred.live = {node.group for node in live}
+            for node in live:
+                needs.update(zip(node.group, node.needs_input_grad[2:]))
         need_u = needs["x"] or needs["norm_in.weight"] or needs["norm_in.bias"]
         grads = WeightGrads(needs, deferred)
         u = _norm(kn, x, prm, "in", cfg)[0]
@@ -384,10 +384,7 @@ def moe_adapter_forward(x: torch.Tensor, p: dict, cfg: MoEAdapterConfig, kernels
                 prm.update(zip(group, ts))
                 if _defer(group, ts, x.shape[0]):
                     links.append(DeferredWeightGrad.apply(deferred, group, *ts))
-                    deferred.groups.append(group)
-                    for n, t in zip(group, ts):
-                        deferred.needs[n] = t is not None and t.requires_grad
-                        prm[n] = None if t is None else t.detach()
+                    prm.update((n, None if t is None else t.detach()) for n, t in zip(group, ts))
             if not links:
                 deferred = None
         prm = {n: _cast(t, x.dtype) for n, t in prm.items()}
