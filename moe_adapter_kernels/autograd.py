@@ -19,6 +19,9 @@ PyTorch, from the returned logits; its gradient flows back through them.)
 The same wiring runs the Triton ops (``KERNELS["triton"]``) or the CUDA C++ extension's ops
 (``KERNELS["cuda"]``, added by ``moe_adapter_kernels.cuda.ops`` when it loads): both sets have
 the same names and signatures.
+
+Both backward passes are first-order: under ``create_graph=True`` their gradients carry a
+graph that raises when differentiated (:func:`first_order`), never a silent constant.
 """
 
 from __future__ import annotations
@@ -177,6 +180,42 @@ def _mlp_backward(kn, dc, a, pre, prm, cfg, grads, need_a):
     return da
 
 
+class FirstOrderOnly(torch.autograd.Function):
+    """``FirstOrderOnly.apply(kernels, *grads)``: the gradients a fused backward returns under
+    ``create_graph=True``, each given a graph whose backward raises. The kernels have no second
+    derivative; gradients without a graph would silently count as constants in what is built
+    from them (a gradient penalty, say), so differentiating them is an error instead."""
+
+    @staticmethod
+    def forward(ctx, kernels, *grads):
+        ctx.kernels = kernels
+        return tuple(None if g is None else g.detach() for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            f"moe_adapter_kernels: the {ctx.kernels} backend's backward is first-order only, so "
+            "its gradients cannot be differentiated (create_graph=True through the adapter: "
+            "gradient penalties, higher-order methods); use MoEAdapter(..., backend='torch') "
+            "for that")
+
+
+def first_order(backward):
+    """Decorates a fused backward: under ``create_graph=True`` it runs without building a
+    graph and its gradients go through :class:`FirstOrderOnly`; otherwise it runs as is."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return backward(ctx, *grad_outputs)
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        return FirstOrderOnly.apply(ctx.kernels, *(
+            g.detach().requires_grad_() if isinstance(g, torch.Tensor) else g for g in grads))
+
+    return wrapper
+
+
 # The four large weights' gradients (with their biases), in the order their deferred nodes
 # run: each frees its inputs (dpre of the shared MLP first, the largest) before the next.
 WEIGHT_GROUPS = (("shared_w1", "shared_b1"), ("w1", "b1"), ("shared_w2", "shared_b2"),
@@ -199,8 +238,8 @@ class Deferred:
 
 
 class DeferredWeightGrad(torch.autograd.Function):
-    """One autograd node per weight group: ``link = DeferredWeightGrad.apply(deferred, group,
-    w, b)`` (an empty tensor) goes into MoEAdapterFunction in place of the weight's gradient
+    """One autograd node per weight group: ``link = DeferredWeightGrad.apply(kernels, deferred,
+    group, w, b)`` (an empty tensor) goes into MoEAdapterFunction in place of the weight's gradient
     path, so the engine runs this node after that backward and, before the next such node,
     hands its gradient to autograd (``.grad`` or the cast node under autocast). A single node
     would return the four weight gradients at once (94.4M parameters, 180 MiB in bf16): the
@@ -212,19 +251,20 @@ class DeferredWeightGrad(torch.autograd.Function):
     then runs before the next group's). Not used under torch.compile (Python-side state)."""
 
     @staticmethod
-    def forward(ctx, deferred, group, *tensors):
-        ctx.deferred, ctx.group = deferred, group
+    def forward(ctx, kernels, deferred, group, *tensors):
+        ctx.kernels, ctx.deferred, ctx.group = kernels, deferred, group
         return tensors[0].new_empty(0)
 
     @staticmethod
+    @first_order
     def backward(ctx, _):
         work = ctx.deferred.work.pop(ctx.group, None)
         if work is None:
             raise RuntimeError(f"moe_adapter_kernels: no deferred gradient for {ctx.group}; "
                                "MoEAdapterFunction's backward did not run first")
         grads = work()
-        return (None, None, *(g if need else None
-                              for g, need in zip(grads, ctx.needs_input_grad[2:])))
+        return (None, None, None, *(g if need else None
+                                    for g, need in zip(grads, ctx.needs_input_grad[3:])))
 
 
 class WeightGrads(dict):
@@ -273,6 +313,7 @@ class MoEAdapterFunction(torch.autograd.Function):
         return y, logits, gates, ids, aux
 
     @staticmethod
+    @first_order
     def backward(ctx, dy, dlogits, dgates_out, _, daux):
         cfg, kn, deferred = ctx.cfg, op_set(ctx.kernels), ctx.deferred
         tensors = ctx.saved_tensors
@@ -284,7 +325,7 @@ class MoEAdapterFunction(torch.autograd.Function):
             live = [node for node in ctx.links if _will_run(node)]
             deferred.live = {node.group for node in live}
             for node in live:
-                needs.update(zip(node.group, node.needs_input_grad[2:]))
+                needs.update(zip(node.group, node.needs_input_grad[3:]))
         need_u = needs["x"] or needs["norm_in.weight"] or needs["norm_in.bias"]
         grads = WeightGrads(needs, deferred)
         u = _norm(kn, x, prm, "in", cfg)[0]
@@ -383,7 +424,7 @@ def moe_adapter_forward(x: torch.Tensor, p: dict, cfg: MoEAdapterConfig, kernels
                 ts = [_cast(prm[n], x.dtype) for n in group]
                 prm.update(zip(group, ts))
                 if _defer(group, ts, x.shape[0]):
-                    links.append(DeferredWeightGrad.apply(deferred, group, *ts))
+                    links.append(DeferredWeightGrad.apply(kernels, deferred, group, *ts))
                     prm.update((n, None if t is None else t.detach()) for n, t in zip(group, ts))
             if not links:
                 deferred = None

@@ -317,3 +317,24 @@ def test_activation_checkpointing_gives_the_same_gradients(reentrant, backend):
     ((y.double() * dy.double()).sum() + fused.aux_loss).backward()
     assert torch.equal(y, plain[0]) and torch.equal(xi.grad, plain[1])
     assert all(torch.equal(p.grad, plain[2][n]) for n, p in fused.named_parameters())
+
+
+def test_differentiating_the_gradients_is_a_clear_error(backend):
+    """create_graph=True (a gradient penalty, WGAN-GP style: the upstream gradient a constant)
+    gives the usual first-order gradients, bit for bit, and differentiating them raises: the
+    fused backward has no second derivative, and gradients without a graph would count as
+    constants in the penalty without a word. The torch backend differentiates them."""
+    cfg = small_config(bias=True)
+    ref, fused = make_pair(cfg, backend)
+    x = torch.randn(30, cfg.d_in, device=DEVICE, requires_grad=True)
+    dy = torch.randn(30, cfg.d_out, device=DEVICE)
+    params = (x, fused.w1, fused.shared_w2)
+    first = torch.autograd.grad(fused(x), params, dy)
+    second = torch.autograd.grad(fused(x), params, dy, create_graph=True)
+    assert all(g.requires_grad and torch.equal(g, f) for g, f in zip(second, first))
+    penalty = second[0].square().sum() + fused(x).sum()
+    with pytest.raises(RuntimeError, match=f"the {backend} backend's backward is first-order"):
+        penalty.backward()
+    (gx,) = torch.autograd.grad(ref(x), x, dy, create_graph=True)
+    gx.square().sum().backward()
+    assert ref.w1.grad is not None and ref.w1.grad.abs().sum() > 0

@@ -77,9 +77,13 @@ def test_module_is_deterministic(backend):
 
 def test_inference_saves_nothing_for_backward(backend):
     _, fused = pair(small_config(), torch.float32, backend)
+    x = torch.randn(9, 72, device=DEVICE)
     with torch.no_grad():
-        y = fused(torch.randn(9, 72, device=DEVICE))
+        y = fused(x)
     assert y.grad_fn is None and not y.requires_grad
+    with torch.inference_mode():
+        y_inf = fused(x)
+    assert y_inf.is_inference() and torch.equal(y_inf, y)
 
 
 def test_float64_router_is_torch_only(backend):
