@@ -59,12 +59,18 @@ def check_backend(name: str) -> str:
     return name
 
 
-def resolve(name: str, device: torch.device, implemented: tuple[str, ...]) -> str:
+# What the fused kernels compute in; ``auto`` runs anything else (float64) on torch.
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resolve(name: str, device: torch.device, implemented: tuple[str, ...],
+            fused_ok: bool = True) -> str:
     """The backend to run for tensors on ``device``: ``auto`` prefers triton, then cuda, on
-    CUDA devices and uses torch elsewhere."""
+    CUDA devices and uses torch elsewhere, or where the caller says the fused kernels cannot
+    run this case (``fused_ok`` False: a float64 input or router)."""
     if name != "auto":
         return name
-    if device.type == "cuda":
+    if device.type == "cuda" and fused_ok:
         for b in ("triton", "cuda"):
             if b in implemented and status(b)[0]:
                 return b

@@ -151,7 +151,8 @@ class MoEAdapter(nn.Module):
         check_input(x, cfg.d_in, self.w_gate, "MoEAdapter")
         lead = x.shape[:-1]
         x2 = _autocast_input(x).reshape(-1, cfg.d_in)
-        backend = backends.resolve(self.backend, x2.device, tuple(_MOE_IMPLS))
+        fused_ok = x2.dtype in backends.FUSED_DTYPES and cfg.router_dtype == "float32"
+        backend = backends.resolve(self.backend, x2.device, tuple(_MOE_IMPLS), fused_ok)
         if backend != self.backend_used:
             if not torch.compiler.is_compiling():  # dynamo cannot trace logging calls
                 log.debug("MoEAdapter runs on backend %r", backend)

@@ -121,6 +121,7 @@ def test_auto_prefers_triton_then_cuda_then_torch(monkeypatch):
     monkeypatch.setattr(backends, "status", lambda name: (usable[name], "test"))
     impls = ("torch", "triton", "cuda")
     assert backends.resolve("auto", gpu, impls) == "triton"
+    assert backends.resolve("auto", gpu, impls, fused_ok=False) == "torch"  # e.g. float64
     usable["triton"] = False
     assert backends.resolve("auto", gpu, impls) == "cuda"
     usable["cuda"] = False

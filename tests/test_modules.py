@@ -208,3 +208,18 @@ def test_parametrized_weights_are_used(cls):
     y.sum().backward()
     assert model.parametrizations.w2.original.grad is not None
     assert model.norm_in.parametrizations.weight.original.grad.abs().sum() > 0
+
+
+def test_auto_leaves_what_the_fused_kernels_do_not_compute_to_torch(monkeypatch):
+    """``auto`` tells the backend choice whether the fused kernels can run the case: not for
+    a float64 input, nor for a float64 router (the choice itself: test_cuda_ext)."""
+    seen = []
+    resolve = backends.resolve
+    monkeypatch.setattr(backends, "resolve", lambda *a: seen.append(a[3]) or resolve(*a))
+    x = torch.randn(5, 72)
+    MoEAdapter(small_config())(x)
+    MoEAdapter(small_config()).double()(x.double())
+    MoEAdapter(small_config(router_dtype="float64"))(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        MoEAdapter(small_config())(x)
+    assert seen == [True, False, False, True]
