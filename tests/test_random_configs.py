@@ -11,7 +11,10 @@ fp64 result moves when the inputs and weights are perturbed at the dtype's round
 that second test, tiny cases fail on rounding alone: ill-conditioned gradients (e.g. a
 scale-invariant RMSNorm of rank-1 expert outputs), or at T = 1 with a large aux-loss
 coefficient, router gradients ~1e-4 beside aux terms ~E, where fp32 sums in another order
-differ at 1e-3.
+differ at 1e-3. Non-finite values are wrong only where the same-dtype reference has none: some
+fp16 cases overflow a gradient that must be materialised in fp16 (e.g. a middle RMSNorm of
+tiny expert outputs, rstd ~300), and both implementations then give inf/NaN, not always in
+the same gradients.
 """
 
 import os
@@ -111,9 +114,9 @@ def mismatches(seed: int, backend: str) -> dict:
             bad[name] = f"{tuple(t.shape)} {t.dtype}, want {tuple(w.shape)} {w.dtype}"
             continue
         if not t.isfinite().all():
-            bad[name] = "non-finite values" + ("" if w.isfinite().all() else
-                                               " (the reference's too)")
-            continue
+            if all(v is None or v.isfinite().all() for v in want.values()):
+                bad[name] = "non-finite values"
+            continue  # else the case overflows this dtype: the reference's results do too
         tol = TOL[dtype] * (1 if name == "y" else 3)
         if rel_err(t, w) <= tol or (not w.any() and not t.any()):
             continue
