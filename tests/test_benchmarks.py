@@ -192,6 +192,21 @@ def test_host_overhead_tool_counts_every_launch(launcher):
     assert all(f"  {op} " in proc.stdout for op in ("route", "permute", "expert_up", "combine"))
 
 
+def test_host_overhead_tool_times_a_training_step():
+    """benchmarks.host --train: forward and backward of a training step, at reduced widths;
+    the backward adds 10 launches to the forward's 9 (the input norm again for u, the output
+    norm's backward, the shared and routed dact, the routed dx, input_grad, gate_grad,
+    g * act(pre), the routed dW1 and dW2)."""
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.host", "--train", "--iters", "3"],
+                          capture_output=True, text=True, env=compiler_env(), cwd=ROOT,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training step (widths reduced), T=64" in proc.stdout
+    assert "19 Triton launches per step" in proc.stdout
+    assert all(f"  {op} " in proc.stdout for op in ("input_grad", "weight_grad_op", "gate_grad"))
+
+
 def test_memory_tracker_counts_new_storages_until_freed():
     """benchmarks.memory's tracker: the most bytes held at once by storages that ops inside
     created (512-byte rounded); views and in-place results of existing tensors are not new."""
