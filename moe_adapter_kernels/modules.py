@@ -124,6 +124,14 @@ class MoEAdapter(nn.Module):
         self._routing: reference.Routing | None = None
         self._l_aux: torch.Tensor | None = None
 
+    def __getstate__(self):
+        """Copies and pickles hold ``aux_loss`` without its autograd graph: copy.deepcopy
+        fails on a module holding a non-leaf tensor (an EMA copy taken mid-training)."""
+        state = super().__getstate__()
+        if state.get("aux_loss") is not None:
+            state["aux_loss"] = state["aux_loss"].detach()
+        return state
+
     def extra_repr(self) -> str:
         c = self.config
         return (f"d_in={c.d_in}, d_out={c.d_out}, experts={c.num_experts}, top_k={c.top_k}, "

@@ -223,3 +223,24 @@ def test_auto_leaves_what_the_fused_kernels_do_not_compute_to_torch(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         MoEAdapter(small_config())(x)
     assert seen == [True, False, False, True]
+
+
+def test_deepcopy_and_pickle_after_a_training_forward(model):
+    """copy.deepcopy (an EMA copy taken mid-training) and pickling work after a forward that
+    built a graph: the copy's aux_loss is the value without the graph, the original keeps
+    its graph and still trains."""
+    import copy
+    import io
+    x = torch.randn(6, 72)
+    y = model(x)
+    twin = copy.deepcopy(model)
+    assert model.aux_loss.requires_grad and not twin.aux_loss.requires_grad
+    assert torch.equal(twin.aux_loss, model.aux_loss.detach())
+    assert torch.equal(twin(x), y)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert not loaded.aux_loss.requires_grad and torch.equal(loaded(x), y)
+    (y.sum() + model.aux_loss).backward()
+    assert model.w_gate.grad is not None
