@@ -126,6 +126,46 @@ def measure(name, model, x, mode, bench, device, flops_per_token, graphs=False):
             "tflops": flops / ms / 1e9, "peak_bytes": None if peak is None else peak - base}
 
 
+# The performance targets: the Triton backend's against the dense adapter (issue 5), the CUDA
+# backend's against the Triton backend (issue 6), set for an H100 in bf16 and judged within
+# one run: (label, model, mode (None: both), tokens it applies to, row value, limit).
+TARGETS = [
+    ("forward <= 0.85 x dense at T >= 8192", "moe-triton", "fwd", lambda T: T >= 8192,
+     "ratio", 0.85),
+    ("forward <= 1.0 x dense at T = 2048", "moe-triton", "fwd", lambda T: T == 2048,
+     "ratio", 1.0),
+    ("forward <= 1.5 x dense at T = 512", "moe-triton", "fwd", lambda T: T == 512, "ratio", 1.5),
+    ("forward+backward <= 0.90 x dense at T >= 8192", "moe-triton", "fwd+bwd",
+     lambda T: T >= 8192, "ratio", 0.90),
+    ("training peak memory <= 0.8 x dense", "moe-triton", "fwd+bwd", lambda T: True,
+     "mem_ratio", 0.8),
+    ("forward and forward+backward <= 2 x triton at T >= 8192", "moe-cuda", None,
+     lambda T: T >= 8192, "vs_triton", 2.0),
+]
+
+
+def target_verdicts(rows: list[dict]) -> list[dict]:
+    """Each target that this run has rows for: {"target", "model", "met", "worst", "tokens",
+    "mode"} (the worst value of the rows it applies to, and where)."""
+    triton = {(r["tokens"], r["mode"]): r["ms"] for r in rows if r["model"] == "moe-triton"}
+    out = []
+    for label, model, mode, applies, key, limit in TARGETS:
+        vals = []
+        for r in rows:
+            if r["model"] != model or mode not in (None, r["mode"]) or not applies(r["tokens"]):
+                continue
+            at = (r["tokens"], r["mode"])
+            v = (r["ms"] / triton[at] if at in triton else None) if key == "vs_triton" \
+                else r.get(key)
+            if v is not None:
+                vals.append((v, r["tokens"], r["mode"]))
+        if vals:
+            v, T, m = max(vals)
+            out.append({"target": label, "model": model, "met": v <= limit, "worst": v,
+                        "tokens": T, "mode": m})
+    return out
+
+
 def git_commit() -> str:
     """The checkout's short commit (MOE_BENCH_COMMIT overrides it: a copied tree's .git may
     be stale, as on a lent device machine)."""
@@ -307,6 +347,15 @@ def main(argv=None) -> int:
             say("matplotlib is not installed: no plot written (pip install matplotlib)")
     print(header)
     print("\n".join(table))
+    if gpu and dtype == torch.bfloat16:
+        verdicts = target_verdicts(rows)
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": rows, "targets": verdicts}, f, indent=2)
+        print(f"Targets (set for an H100 in bf16; this run: {meta['device']}, "
+              f"{meta['execution']}):")
+        for v in verdicts:
+            print(f"  {v['model']}: {v['target']}: {'met' if v['met'] else 'NOT met'} "
+                  f"(worst {v['worst']:.3f} at T = {v['tokens']}, {v['mode']})")
     print(f"results written to {args.json}")
     return status
 

@@ -59,6 +59,33 @@ def test_bench_cli_on_cpu(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_target_verdicts_take_the_worst_row_each_target_applies_to():
+    """The bench's verdict on the targets (printed and saved on GPU bf16 runs): the Triton
+    backend's ratios to dense, the CUDA backend's times to Triton's; a target is met when
+    its worst row is within the limit, and left out when the run has no row for it."""
+    from benchmarks.bench import target_verdicts
+
+    def row(model, T, mode, ms, ratio=None, mem=None):
+        return {"model": model, "tokens": T, "mode": mode, "ms": ms, "ratio": ratio,
+                "mem_ratio": mem}
+    rows = [row("dense", 8192, "fwd", 2.0), row("moe-triton", 8192, "fwd", 1.6, 0.80),
+            row("moe-cuda", 8192, "fwd", 3.0, 1.5), row("dense", 65536, "fwd", 16.0),
+            row("moe-triton", 65536, "fwd", 14.0, 0.875), row("moe-cuda", 65536, "fwd", 29.0),
+            row("moe-triton", 8192, "fwd+bwd", 7.0, 0.86, 0.7),
+            row("moe-cuda", 8192, "fwd+bwd", 13.0), row("moe-triton", 512, "fwd+bwd", 1.0,
+                                                        1.3, 0.75)]
+    got = {v["target"]: v for v in target_verdicts(rows)}
+    fwd = got["forward <= 0.85 x dense at T >= 8192"]
+    assert not fwd["met"] and (fwd["worst"], fwd["tokens"]) == (0.875, 65536)
+    assert got["forward+backward <= 0.90 x dense at T >= 8192"]["met"]
+    mem = got["training peak memory <= 0.8 x dense"]
+    assert mem["met"] and (mem["worst"], mem["tokens"]) == (0.75, 512)
+    cuda = got["forward and forward+backward <= 2 x triton at T >= 8192"]
+    assert not cuda["met"] and cuda["tokens"] == 65536 and abs(cuda["worst"] - 29 / 14) < 1e-12
+    assert "forward <= 1.0 x dense at T = 2048" not in got  # no row at T = 2048
+    assert all(v["model"] in ("moe-triton", "moe-cuda") for v in got.values())
+
+
 def test_bench_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
     """matplotlib is optional: without it the run still succeeds and says why no plot."""
     import sys

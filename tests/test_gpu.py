@@ -297,6 +297,8 @@ def test_bench_cli_with_cuda_graphs(tmp_path):
     assert res["meta"]["execution"] == "cuda-graphs" and len(res["results"]) == 4
     assert all(r["ms"] > 0 for r in res["results"])
     assert all(r["ratio"] > 0 for r in res["results"] if r["model"] != "dense")
+    assert {v["target"] for v in res["targets"]} == {  # the verdicts at T = 512, bf16
+        "forward <= 1.5 x dense at T = 512", "training peak memory <= 0.8 x dense"}
 
 
 def test_readme_cuda_graph_example_matches_eager():
