@@ -148,17 +148,18 @@ def target_verdicts(rows: list[dict]) -> list[dict]:
     """Each target that this run has rows for: {"target", "model", "met", "worst", "tokens",
     "mode"} (the worst value of the rows it applies to, and where)."""
     triton = {(r["tokens"], r["mode"]): r["ms"] for r in rows if r["model"] == "moe-triton"}
+
+    def value(r, key):
+        if key != "vs_triton":
+            return r.get(key)
+        ms = triton.get((r["tokens"], r["mode"]))
+        return None if ms is None else r["ms"] / ms
+
     out = []
     for label, model, mode, applies, key, limit in TARGETS:
-        vals = []
-        for r in rows:
-            if r["model"] != model or mode not in (None, r["mode"]) or not applies(r["tokens"]):
-                continue
-            at = (r["tokens"], r["mode"])
-            v = (r["ms"] / triton[at] if at in triton else None) if key == "vs_triton" \
-                else r.get(key)
-            if v is not None:
-                vals.append((v, r["tokens"], r["mode"]))
+        vals = [(value(r, key), r["tokens"], r["mode"]) for r in rows
+                if r["model"] == model and mode in (None, r["mode"]) and applies(r["tokens"])]
+        vals = [v for v in vals if v[0] is not None]
         if vals:
             v, T, m = max(vals)
             out.append({"target": label, "model": model, "met": v <= limit, "worst": v,
