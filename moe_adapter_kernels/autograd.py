@@ -412,25 +412,24 @@ def moe_adapter_forward(x: torch.Tensor, p: dict, cfg: MoEAdapterConfig, kernels
                          "backend; the fused router computes in float32")
     x = x.contiguous()
     prm = {n: p.get(n) for n in PARAMS}
-    if not (torch.is_grad_enabled() and (x.requires_grad or any(
-            t is not None and t.requires_grad for t in prm.values()))):
-        prm = {n: _cast(t, x.dtype) for n, t in prm.items()}
-        y, logits, gates, ids, aux, _ = fused_forward(cfg, x, prm, False, kernels)
-    else:
-        deferred, links = None, []
-        if DEFER_WEIGHT_GRADS and not torch.compiler.is_compiling():
-            deferred = Deferred()
-            for group in reversed(WEIGHT_GROUPS):  # the node created last runs first
-                ts = [_cast(prm[n], x.dtype) for n in group]
-                prm.update(zip(group, ts))
-                if _defer(group, ts, x.shape[0]):
-                    links.append(DeferredWeightGrad.apply(kernels, deferred, group, *ts))
-                    prm.update((n, None if t is None else t.detach()) for n, t in zip(group, ts))
-            if not links:
-                deferred = None
-        prm = {n: _cast(t, x.dtype) for n, t in prm.items()}
+    train = torch.is_grad_enabled() and (x.requires_grad or any(
+        t is not None and t.requires_grad for t in prm.values()))
+    deferred, links = None, []
+    if train and DEFER_WEIGHT_GRADS and not torch.compiler.is_compiling():
+        deferred = Deferred()
+        for group in reversed(WEIGHT_GROUPS):  # the node created last runs first
+            ts = [_cast(prm[n], x.dtype) for n in group]  # each group's cast before its node
+            prm.update(zip(group, ts))
+            if _defer(group, ts, x.shape[0]):
+                links.append(DeferredWeightGrad.apply(kernels, deferred, group, *ts))
+                prm.update((n, None if t is None else t.detach()) for n, t in zip(group, ts))
+        deferred = deferred if links else None
+    prm = {n: _cast(t, x.dtype) for n, t in prm.items()}  # the rest (the groups' are done)
+    if train:
         y, logits, gates, ids, aux = MoEAdapterFunction.apply(
             cfg, kernels, deferred, x, *prm.values(), *links)
+    else:
+        y, logits, gates, ids, aux, _ = fused_forward(cfg, x, prm, False, kernels)
     routing = reference.Routing(logits, ids, gates)
     if cfg.aux_loss_variant != "topk":
         aux = reference.aux_loss(routing, cfg.num_experts, cfg.aux_loss_variant)

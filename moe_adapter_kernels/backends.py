@@ -59,7 +59,8 @@ def check_backend(name: str) -> str:
     return name
 
 
-# What the fused kernels compute in; ``auto`` runs anything else (float64) on torch.
+# What the fused kernels compute in (their launchers check it); ``auto`` runs anything else
+# (float64) on torch.
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ..backends import FUSED_DTYPES
 
 
 def custom_op(name: str):
@@ -51,7 +51,7 @@ def check(cond: bool, op: str, msg: str, *args, exc=ValueError) -> None:
         raise exc(f"moe_adapter_kernels.ops.{op}: {msg.format(*args)}")
 
 
-def check_tensor(t: torch.Tensor, op: str, name: str, dim: int, dtypes=FLOAT_DTYPES,
+def check_tensor(t: torch.Tensor, op: str, name: str, dim: int, dtypes=FUSED_DTYPES,
                  device: torch.device | None = None) -> None:
     """Raise TypeError/ValueError unless t is a tensor of ``dim`` dims, an allowed dtype, on
     ``device``, with a unit stride in its last dim."""
