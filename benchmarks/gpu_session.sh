@@ -9,7 +9,8 @@
 #          small shapes, T = 0 and 1, empty experts, poisoned outputs, random configs, bf16
 #          among them), both backends;
 #          UNIT_K selects some (pytest -k)
-#   gcuda  GPU tests of the CUDA backend and Triton-vs-CUDA agreement, and the self-check
+#   gcuda  the CUDA GEMMs' fragment-layout probes (tests/test_cuda_layouts.py), GPU tests of
+#          the CUDA backend and Triton-vs-CUDA agreement, and the self-check
 #   gpu    the GPU tests selected by GPU_TESTS_K (pytest -k; all when unset), both backends
 #   tune   tile tuning (commit the JSON it writes)
 #   bench  per-kernel benchmarks (Triton; the CUDA extension at T = 8192), adapter benchmarks,
@@ -75,6 +76,8 @@ gpu_tests() {
   run "${2:-300}" python -m pytest -m gpu -q -rf -n 4 --durations=15 -p no:cacheprovider \
       ${1:+-k "$1"} tests/test_gpu.py
 }
+# the CUDA GEMMs' fragment layouts on the hardware (a failure shows which operand was misread)
+layout_probes() { run 60 python -m pytest -q -rf -p no:cacheprovider tests/test_cuda_layouts.py; }
 BUILD_PID=
 wait_build() {
   [[ -n $BUILD_PID ]] || return 0
@@ -108,6 +111,7 @@ for stage in $stages; do
                ${UNIT_K:+-k "$UNIT_K"} tests/test_fused_ops.py tests/test_fused_module.py \
                tests/test_fused_backward.py tests/test_cuda_ext.py tests/test_random_configs.py ;;
     gcuda) wait_build
+           layout_probes
            gpu_tests "cuda or agree"
            run 120 python -m moe_adapter_kernels.cli check --dtype float32 float16 bfloat16 ;;
     tune)  run 330 python -m benchmarks.tune
@@ -128,6 +132,7 @@ for stage in $stages; do
            wait_build
            fused="triton cuda"  # without a built extension, each test worker would JIT-build it
            if ls moe_adapter_kernels/_C*.so >/dev/null 2>&1; then
+             layout_probes
              gpu_tests "(cuda or agree) and not training_run and not bench_cli" 150
            else
              say "!! no built extension (build.log): the CUDA backend's tests and bench skipped"
