@@ -10,6 +10,8 @@ the 128 x 128 tile. One probe per layout the kernels use: B n-fast (forward), B 
 activation backward, dc @ W^T) and A m-fast (weight gradient, a^T @ b).
 """
 
+import math
+
 import pytest
 import torch
 
@@ -62,8 +64,8 @@ def _report(name, got, want, names) -> str:
              f" of them not one index; C - 1 names the {names}; got XOR expected: {hist}",
              f"  expected (left) and got (right), rows {m}.., columns {n}..:"]
     for r in range(m, m + 16):
-        cells = [" ".join(f"{int(v):3d}" if v == int(v) else "  ?" for v in grid[r, n:n + 16])
-                 for grid in (want - 1, idx)]
+        cells = [" ".join(f"{int(v):3d}" if math.isfinite(v) and v == int(v) else "  ?"
+                          for v in grid[r, n:n + 16].tolist()) for grid in (want - 1, idx)]
         lines.append(f"  {r:3d} | {cells[0]} | {cells[1]}")
     return "\n".join(lines)
 
