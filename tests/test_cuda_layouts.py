@@ -5,8 +5,8 @@ The CPU emulator implements the PTX ISA's fragment layouts as we read them, so t
 the emulator would agree even if that reading were wrong; only a GPU can say. These probes make
 a GPU failure readable: each fills A and B with one-hot rows or columns and small integers
 (exact in fp16 and bf16, as are their fp32 sums), so every output element says which A row, B
-column or k index the hardware combined, and the message lists the wrong ones by position in
-the 128 x 128 tile. One probe per layout the kernels use: B n-fast (forward), B k-fast (the
+column or k index the hardware combined, and the message shows how the wrong ones differ (a
+histogram of got XOR expected index, and 16 x 16 grids of the tile). One probe per layout the kernels use: B n-fast (forward), B k-fast (the
 activation backward, dc @ W^T) and A m-fast (weight gradient, a^T @ b).
 """
 

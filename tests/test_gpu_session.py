@@ -4,23 +4,16 @@ test file that moved, a flag a tool no longer takes) must fail here instead."""
 
 import functools
 import importlib
-import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, checkout_env
+
 SCRIPT = (ROOT / "benchmarks" / "gpu_session.sh").read_text().replace("\\\n", " ")
 SELECTION = r'gpu_tests "([^"$]+)"'  # the literal -k expressions (not ${GPU_TESTS_K:-})
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,7 +21,7 @@ def _selected(expr: str) -> set:
     """The GPU test ids that ``pytest -m gpu -k expr tests/test_gpu.py`` collects."""
     proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p",
                            "no:cacheprovider", "-m", "gpu", "-k", expr, "tests/test_gpu.py"],
-                          cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, env=checkout_env(), timeout=300)
     assert proc.returncode in (0, 5), proc.stdout + proc.stderr  # 5: nothing selected
     return {line.split("::", 1)[1] for line in proc.stdout.splitlines() if "::" in line}
 
