@@ -314,6 +314,11 @@ def main(argv=None) -> int:
         (n, m, m.flops_per_token()) for n, m in moes.items()]
     total = len(tokens) * len(args.modes) * len(models)
     rows, i = [], 0
+
+    def save(**extra):
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": rows, **extra}, f, indent=2)
+
     for T in tokens:
         x = torch.randn(T, moe_cfg.d_in, device=device, dtype=dtype)
         for mode in args.modes:
@@ -333,8 +338,7 @@ def main(argv=None) -> int:
                 say(f"    {r['ms']:.3f} ms" + (f", {r['ratio']:.3f}x dense" if "ratio" in r
                                                  else ""))
                 rows.append(r)
-                with open(args.json, "w") as f:  # after every row: a run cut short keeps them
-                    json.dump({"meta": meta, "results": rows}, f, indent=2)
+                save()  # after every row: a run cut short keeps them
     table = format_table(rows)
     header = (f"{meta['device']}, {meta['dtype']}, {meta['execution']}, torch {meta['torch']}, "
               f"triton {meta['triton']}, commit {meta['commit']}, {meta['date']}")
@@ -350,8 +354,7 @@ def main(argv=None) -> int:
     print("\n".join(table))
     if gpu and dtype == torch.bfloat16:
         verdicts = target_verdicts(rows)
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": rows, "targets": verdicts}, f, indent=2)
+        save(targets=verdicts)
         print(f"Targets (set for an H100 in bf16; this run: {meta['device']}, "
               f"{meta['execution']}):")
         for v in verdicts:
