@@ -6,8 +6,9 @@ the emulator would agree even if that reading were wrong; only a GPU can say. Th
 a GPU failure readable: each fills A and B with one-hot rows or columns and small integers
 (exact in fp16 and bf16, as are their fp32 sums), so every output element says which A row, B
 column or k index the hardware combined, and the message shows how the wrong ones differ (a
-histogram of got XOR expected index, and 16 x 16 grids of the tile). One probe per layout the kernels use: B n-fast (forward), B k-fast (the
-activation backward, dc @ W^T) and A m-fast (weight gradient, a^T @ b).
+histogram of got XOR expected index, and 16 x 16 grids of the tile). Each operand layout the
+kernels use is probed: B n-fast (forward), B k-fast (the activation backward, dc @ W^T) and
+A m-fast (weight gradient, a^T @ b).
 """
 
 import math
