@@ -12,6 +12,7 @@ A m-fast (weight gradient, a^T @ b).
 """
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -58,8 +59,8 @@ def _report(name, got, want, names) -> str:
     idx = got - 1
     valid = (idx == idx.round()) & (idx >= 0) & (idx < K)
     bad = got != want
-    xor = (idx[bad & valid].long() ^ (want - 1)[bad & valid].long()).tolist()
-    hist = {x: xor.count(x) for x in sorted(set(xor))}
+    xor = Counter((idx[bad & valid].long() ^ (want - 1)[bad & valid].long()).tolist())
+    hist = dict(sorted(xor.items()))
     m, n = (bad.nonzero()[0] // 16 * 16).tolist()
     lines = [f"{name} probe: {int(bad.sum())} of {got.numel()} wrong, {int((bad & ~valid).sum())}"
              f" of them not one index; C - 1 names the {names}; got XOR expected: {hist}",
