@@ -14,10 +14,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def checkout_env(env: dict | None = None) -> dict:
-    """``env`` (default: this process's environment) with this checkout first on PYTHONPATH,
-    so a subprocess imports it even without an install."""
-    env = dict(os.environ if env is None else env)
+def checkout_env(*drop: str, **overrides: str) -> dict:
+    """This process's environment without the variables ``drop``, with ``overrides``, and with
+    this checkout first on PYTHONPATH, so a subprocess imports it even without an install."""
+    env = {k: v for k, v in os.environ.items() if k not in drop} | overrides
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 
@@ -25,7 +25,7 @@ def checkout_env(env: dict | None = None) -> dict:
 def compiler_env() -> dict:
     """The environment of a subprocess that needs Triton's real compiler (not the interpreter)
     and imports this checkout even without an install."""
-    env = checkout_env({k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    env = checkout_env("TRITON_INTERPRET")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     return env
 

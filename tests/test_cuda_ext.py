@@ -44,8 +44,8 @@ def test_kernels_stay_in_bounds_under_address_sanitizer():
                            text=True).stdout.strip() for lib in ("libasan.so", "libstdc++.so")]
     if not all(os.path.isabs(lib) for lib in libs):
         pytest.skip("gcc has no AddressSanitizer runtime (libasan.so)")
-    env = checkout_env(dict(os.environ, MOE_ADAPTER_CUDA_EMULATE="asan",
-                            LD_PRELOAD=" ".join(libs), ASAN_OPTIONS="detect_leaks=0"))
+    env = checkout_env(MOE_ADAPTER_CUDA_EMULATE="asan", LD_PRELOAD=" ".join(libs),
+                       ASAN_OPTIONS="detect_leaks=0")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
                            "-k", "cuda and not dtype2", "tests/test_fused_ops.py"],
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=1200)
@@ -79,7 +79,7 @@ def test_backend_unavailable_without_gpu_or_emulator():
             "else:\n"
             "    raise AssertionError('no error')\n"
             "print('unavailable as expected')\n")
-    env = checkout_env({k: v for k, v in os.environ.items() if k != "MOE_ADAPTER_CUDA_EMULATE"})
+    env = checkout_env("MOE_ADAPTER_CUDA_EMULATE")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
