@@ -3,6 +3,7 @@
 import contextlib
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -20,6 +21,11 @@ def checkout_env(*drop: str, **overrides: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in drop} | overrides
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
+
+
+def readme_python_blocks() -> list[str]:
+    """The code of every ```python block in the README, in order."""
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 
 
 def compiler_env() -> dict:

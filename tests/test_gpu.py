@@ -9,7 +9,7 @@ import torch
 
 from moe_adapter_kernels import MoEAdapter, MoEAdapterConfig
 
-from helpers import rel_err
+from helpers import readme_python_blocks, rel_err
 
 pytestmark = pytest.mark.gpu
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -304,10 +304,7 @@ def test_bench_cli_with_cuda_graphs(tmp_path):
 def test_readme_cuda_graph_example_matches_eager():
     """The README's CUDA-graph snippet runs here (on the CPU it is skipped by its own guard),
     and its replayed output equals an eager forward on the same input."""
-    import pathlib
-    import re
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "CUDAGraph" in b)
+    code = next(b for b in readme_python_blocks() if "CUDAGraph" in b)
     env = {}
     exec(compile(code, "README.md", "exec"), env)
     with torch.no_grad():
